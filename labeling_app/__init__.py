@@ -1,0 +1,1 @@
+"""The Streamlit labeling app (not built yet: see the human-feedback issue)."""

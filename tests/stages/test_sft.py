@@ -1,0 +1,143 @@
+"""`rlhf sft` on a tiny random Llama: learning, output contract, resume after SIGKILL, DDP, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import rlhf
+
+FAST = ["train.batch_size=8", "max_length=256", "train.logging_steps=2"]
+
+
+def manifest(ws: Path, name: str = "sft", version: int = 1) -> dict:
+    return json.loads((ws / "checkpoints" / name / f"v{version:04d}" / "manifest.json").read_text())
+
+
+def test_lora_sft_lowers_eval_loss_and_writes_the_contracted_layout(tiny_ws):
+    assert rlhf(tiny_ws, "sft", "train.max_steps=30", "train.learning_rate=1e-2", *FAST) == 0
+    m = manifest(tiny_ws)
+    metrics = m["metrics"]
+    # Learning happened on held-out rows of the training distribution, not just "weights changed".
+    assert metrics["eval_loss"] < 0.93 * metrics["eval_loss_initial"]
+    assert metrics["steps"] == 30
+    assert metrics["train_tokens"] > 0 and metrics["tokens_per_s"] > 0 and metrics["peak_mem_mb"] > 0
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    assert {i["role"]: i["ref"] for i in m["inputs"]} == {"model": "checkpoints/base:v1", "data": "datasets/sft:v1"}
+    assert m["config"]["train"]["max_steps"] == 30 and m["config"]["mode"] == "lora"
+    # The layout is a contract: an adapter, its tokenizer and chat template, logs, the manifest.
+    files = {p.relative_to(tiny_ws / "checkpoints/sft/v0001").as_posix()
+             for p in (tiny_ws / "checkpoints/sft/v0001").rglob("*") if p.is_file()}
+    assert files == {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json",
+                     "tokenizer_config.json", "chat_template.jinja", "logs/train_log.jsonl", "logs/loss.png",
+                     "manifest.json"}
+    losses = [json.loads(line)["loss"] for line in (tiny_ws / "checkpoints/sft/v0001/logs/train_log.jsonl")
+              .read_text().splitlines() if "loss" in json.loads(line)]
+    assert losses[-1] < losses[0]
+    # Scratch checkpoints are removed after success.
+    assert not any((tiny_ws / ".scratch").glob("sft-*"))
+
+
+def test_full_sft_with_merge_rejected_and_full_mode_trains_every_weight(tiny_ws, capsys):
+    assert rlhf(tiny_ws, "sft", "mode=full", "merge=true") == 2
+    assert "merge=true only applies" in capsys.readouterr().err
+    assert rlhf(tiny_ws, "sft", "mode=full", "train.max_steps=10", "train.learning_rate=1e-3", *FAST) == 0
+    metrics = manifest(tiny_ws)["metrics"]
+    assert metrics["trainable_params"] == metrics["total_params"]
+    assert metrics["eval_loss"] < metrics["eval_loss_initial"]
+    assert (tiny_ws / "checkpoints/sft/v0001/model.safetensors").is_file()
+
+
+def test_merged_lora_checkpoint_loads_as_plain_weights_and_continues_from_adapter(tiny_ws):
+    """An adapter checkpoint can be the `model` of the next SFT run (sequential fine-tuning)."""
+    assert rlhf(tiny_ws, "sft", "train.max_steps=4", *FAST) == 0
+    assert rlhf(tiny_ws, "sft", "model=sft:v1", "merge=true", "train.max_steps=4", *FAST) == 0
+    m2 = manifest(tiny_ws, version=2)
+    assert (tiny_ws / "checkpoints/sft/v0002/model.safetensors").is_file()
+    assert m2["inputs"][0]["ref"] == "checkpoints/sft:v1"
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_ws / "checkpoints/sft/v0002")
+    assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["mode=qlora"], "mode=qlora needs a CUDA GPU"),
+    (["train.max_step=3"], "did you mean 'train.max_steps'"),
+    (["model=nope:latest"], "no artifact named 'nope'"),
+    (["data=sft:v7"], "no version v7 of datasets/sft; it has v1"),
+    (["trl.not_a_knob=1"], "unknown key 'trl.not_a_knob'"),
+    (["data=base:latest"], "no artifact named 'base' in datasets"),
+])
+def test_bad_input_is_one_line_and_publishes_nothing(tiny_ws, capsys, args, expected):
+    if expected.startswith("mode=qlora"):
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA, so qlora is allowed")
+    assert rlhf(tiny_ws, "sft", *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and expected in err
+    assert not (tiny_ws / "checkpoints" / "sft").exists()
+
+
+def test_unwritable_workspace_fails_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert rlhf(blocker / "ws", "sft") == 2
+    err = capsys.readouterr().err.strip()
+    assert "not writable" in err and "\n" not in err
+
+
+def _cli(ws: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "rlhf.cli", "--workspace", str(ws), *args]
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_from_its_last_checkpoint(tiny_ws):
+    cmd = _cli(tiny_ws, "sft", "mode=full", "train.max_steps=400", "train.save_steps=10", *FAST)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            states = list((tiny_ws / ".scratch").glob("sft-*/checkpoint-*/trainer_state.json"))
+            if any(int(s.parent.name.split("-")[1]) >= 20 for s in states):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (tiny_ws / "checkpoints" / "sft").exists(), "a killed run must publish nothing"
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from" in done.stderr
+    metrics = manifest(tiny_ws)["metrics"]
+    assert metrics["resumed_from_step"] >= 20 and metrics["steps"] == 400
+    assert metrics["eval_loss"] < metrics["eval_loss_initial"]
+    assert not any((tiny_ws / ".scratch").glob("sft-*"))
+
+
+@pytest.mark.slow
+def test_sft_runs_under_accelerate_launch_with_two_cpu_processes(tiny_ws):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+           "-m", "rlhf.cli", "--workspace", str(tiny_ws), "sft", "train.max_steps=6",
+           "train.learning_rate=1e-2", *FAST]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # One artifact, published once by the main process, trained by both.
+    assert [p.name for p in (tiny_ws / "checkpoints" / "sft").iterdir() if p.name.startswith("v")] == ["v0001"]
+    metrics = manifest(tiny_ws)["metrics"]
+    assert metrics["processes"] == 2
+    assert metrics["eval_loss"] < metrics["eval_loss_initial"]
