@@ -2,7 +2,10 @@
 
     rlhf base import [PATH]                       # packaged SmolLM2-135M-Instruct, or a local checkpoint
     rlhf data import sft FILE [--name N] [--skip-invalid]
+    rlhf data import preferences FILE [--format trl|hh]
     rlhf sft [--config configs/sft.yaml] train.max_steps=20
+    rlhf reward [--config configs/reward.yaml] model=sft:latest data=preferences:latest
+    rlhf score reward=reward:latest data=candidates:latest
     rlhf artifacts list | show REF | lineage REF | verify REF
     rlhf demo [--quick]
 
@@ -21,12 +24,14 @@ import warnings
 from typing import Callable
 
 from rlhf.artifacts import ArtifactStore
-from rlhf.config import SFTConfig, load_config
+from rlhf.config import RewardConfig, ScoreConfig, SFTConfig, load_config
 from rlhf.errors import RlhfError
 
 # stage name -> (config class, "module:function"); modules are imported only when run.
 STAGES: dict[str, tuple[type, str]] = {
     "sft": (SFTConfig, "sft.train:main"),
+    "reward": (RewardConfig, "reward.train:main"),
+    "score": (ScoreConfig, "reward.score:main"),
 }
 
 
@@ -53,10 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", parents=[common], help="import datasets")
     data_sub = data.add_subparsers(dest="action", required=True)
     dimp = data_sub.add_parser("import", parents=[common], help="validate a file and store it as a dataset")
-    dimp.add_argument("schema", choices=["sft", "prompts"])
+    dimp.add_argument("schema", choices=["sft", "prompts", "preferences"])
     dimp.add_argument("file")
     dimp.add_argument("--name", help="dataset name (default: the schema)")
     dimp.add_argument("--skip-invalid", action="store_true", help="drop bad rows and count them instead of failing")
+    dimp.add_argument("--format", choices=["trl", "hh"], default="trl",
+                      help="preferences only: trl (conversational) or hh (Anthropic HH-RLHF transcripts)")
 
     for stage, (cls, _) in STAGES.items():
         sp = sub.add_parser(stage, parents=[common], help=f"run the {stage} stage")
@@ -85,10 +92,15 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "data":
         from rlhf.data import import_dataset
 
-        art = import_dataset(store, args.schema, args.file, name=args.name, skip_invalid=args.skip_invalid)
-        dropped = art.manifest["metrics"]["dropped"]
-        print(f"imported {art.manifest['metrics']['rows']} rows -> {art.ref}"
-              + (f" ({dropped} invalid rows dropped; see the manifest)" if dropped else ""))
+        if args.format != "trl" and args.schema != "preferences":
+            raise RlhfError(f"--format {args.format} applies to preferences only, not {args.schema}")
+        art = import_dataset(store, args.schema, args.file, name=args.name, skip_invalid=args.skip_invalid,
+                             fmt=args.format)
+        m = art.manifest["metrics"]
+        print(f"imported {m['rows']} rows -> {art.ref}"
+              + (f" ({m['dropped']} invalid rows dropped; see the manifest)" if m["dropped"] else ""))
+        for reason, n in m["filter_reasons"].items():
+            print(f"  filtered out {n}: {reason}")
     elif args.command in STAGES:
         cfg = load_config(STAGES[args.command][0], args.config, args.overrides)
         art = _stage_runner(args.command)(cfg, store)

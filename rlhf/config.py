@@ -90,6 +90,27 @@ class SFTConfig(StageConfig):
         return self
 
 
+class RewardConfig(StageConfig):
+    model: str = "sft:latest"
+    data: str = "preferences:latest"
+    output: str = "reward"
+    mode: Literal["lora", "full", "qlora"] = "lora"
+    lora: LoraConfig = LoraConfig()
+    max_length: int = Field(512, ge=8, description="tokens per prompt+response; longer pairs are dropped and counted")
+    use_margin: bool = Field(True, description="use the dataset's margin column where every row has one")
+    center_coef: float = Field(0.0, ge=0, description="weight of the reward-centering term mean((r_c+r_r)^2)")
+    bootstrap_samples: int = Field(1000, ge=100, description="resamples for the held-out accuracy CI")
+    normalization_samples: int = Field(512, ge=2, description="training responses scored for the mean/std")
+    trl: dict[str, Any] = Field(default_factory=dict, description="passed through to trl.RewardConfig")
+
+
+class ScoreConfig(Section):
+    reward: str = "reward:latest"
+    data: str = "candidates:latest"
+    output: str | None = Field(None, description="dataset name for the scored copy; default: the input's name")
+    batch_size: int = Field(16, ge=1)
+
+
 C = TypeVar("C", bound=BaseModel)
 
 

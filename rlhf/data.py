@@ -5,6 +5,10 @@ Rows use TRL's conversational shapes, so stages hand them straight to TRL traine
     sft      {"prompt": [messages], "completion": [assistant message]}
              ({"messages": [...]} is accepted on import and split at the last assistant turn)
     prompts  {"prompt_id": str, "prompt": [messages ending with a user turn]}
+    candidates {"prompt_id", "prompt", "responses": [{"response_id", "text", "model", ...}]}
+    preferences {"prompt": [messages], "chosen": [assistant msg], "rejected": [assistant msg],
+             "margin": float | None, "source": {...}}
+             (`--format hh` reads Anthropic's "\n\nHuman: ...\n\nAssistant: ..." strings)
 
 Importers read JSONL, JSON (a list of rows), Parquet, or a `datasets.save_to_disk`
 directory. A bad row fails the import with file, line and reason, and nothing is written;
@@ -14,6 +18,7 @@ with `skip_invalid` it is dropped and counted in the manifest instead.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -28,6 +33,10 @@ MAX_RECORDED_INVALID = 200
 
 class RowError(ValueError):
     """A row that does not fit its schema; the message says what is wrong."""
+
+
+class RowDropped(ValueError):
+    """A well-formed row the schema filters out by rule (e.g. chosen == rejected); always counted."""
 
 
 def _messages(value: Any, field: str) -> list[dict[str, str]]:
@@ -75,11 +84,85 @@ def validate_prompts(row: dict[str, Any]) -> dict[str, Any]:
     return {"prompt_id": pid, "prompt": prompt}
 
 
+def _one_assistant(value: Any, field: str) -> list[dict[str, str]]:
+    msgs = _messages(value, field)
+    if len(msgs) != 1 or msgs[0]["role"] != "assistant":
+        raise RowError(f"'{field}' must be exactly one assistant message")
+    return msgs
+
+
+def validate_preferences(row: dict[str, Any]) -> dict[str, Any]:
+    """Explicit prompt, or implicit: full conversations that share all but the last turn."""
+    if row.get("prompt") is None:
+        chosen, rejected = _messages(row.get("chosen"), "chosen"), _messages(row.get("rejected"), "rejected")
+        if len(chosen) < 2 or chosen[:-1] != rejected[:-1]:
+            raise RowDropped("chosen and rejected differ before the final reply")
+        row = {**row, "prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
+    prompt = _messages(row["prompt"], "prompt")
+    if prompt[-1]["role"] != "user":
+        raise RowError("'prompt' must end with a user message")
+    chosen, rejected = _one_assistant(row.get("chosen"), "chosen"), _one_assistant(row.get("rejected"), "rejected")
+    if chosen[0]["content"].strip() == rejected[0]["content"].strip():
+        raise RowDropped("chosen equals rejected")
+    margin = row.get("margin")
+    if margin is not None and not isinstance(margin, (int, float)):
+        raise RowError(f"'margin' must be a number, got {margin!r}")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+            "margin": None if margin is None else float(margin), "source": row.get("source") or {}}
+
+
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def parse_hh(text: Any, field: str) -> list[dict[str, str]]:
+    """Split an HH-RLHF transcript ("\n\nHuman: ...\n\nAssistant: ...") into chat messages."""
+    if not isinstance(text, str):
+        raise RowError(f"'{field}' must be an HH transcript string")
+    parts = HH_TURN.split(text)
+    if parts[0].strip() or len(parts) < 3:
+        raise RowError(f"'{field}' does not start with '\\n\\nHuman:'")
+    turns = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        turns.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
+    return turns
+
+
+def from_hh(row: dict[str, Any]) -> dict[str, Any]:
+    """An HH row -> a preferences row: keep rows that differ only in the final assistant reply."""
+    chosen, rejected = parse_hh(row.get("chosen"), "chosen"), parse_hh(row.get("rejected"), "rejected")
+    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        raise RowDropped("the final turn is not an assistant reply")
+    if chosen[:-1] != rejected[:-1]:
+        raise RowDropped("chosen and rejected differ before the final reply")
+    if not chosen[-1]["content"] or not rejected[-1]["content"]:
+        raise RowDropped("empty final reply")
+    if any(not t["content"] for t in chosen[:-1]):
+        raise RowDropped("an empty earlier turn")
+    return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:], "source": {"format": "hh"}}
+
+
+def validate_candidates(row: dict[str, Any]) -> dict[str, Any]:
+    out = validate_prompts(row)
+    responses = row.get("responses")
+    if not isinstance(responses, list) or not responses:
+        raise RowError("'responses' must be a non-empty list")
+    out["responses"] = []
+    for i, r in enumerate(responses, 1):
+        if not isinstance(r, dict) or not isinstance(r.get("response_id"), str) or not isinstance(r.get("text"), str):
+            raise RowError(f"response {i} must have string 'response_id' and 'text'")
+        out["responses"].append(r)
+    return out
+
+
 SCHEMAS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "sft": validate_sft,
     "prompts": validate_prompts,
+    "preferences": validate_preferences,
+    "candidates": validate_candidates,
 }
-UNIQUE_KEYS = {"prompts": "prompt_id"}
+# Source formats that are converted to a schema's shape before validation.
+FORMATS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"hh": from_hh}
+UNIQUE_KEYS = {"prompts": "prompt_id", "candidates": "prompt_id"}
 
 
 def read_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -132,47 +215,63 @@ def _read_hf_dir(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path} row {n}", row
 
 
-def validate_file(path: Path, schema: str, skip_invalid: bool) -> tuple[list[dict], list[dict]]:
-    """Validate every row; return (rows, invalid). Without `skip_invalid` the first bad row raises."""
+def validate_file(path: Path, schema: str, skip_invalid: bool, fmt: str | None = None
+                  ) -> tuple[list[dict], list[dict], Counter]:
+    """Validate every row; return (rows, invalid, dropped-by-rule counts).
+
+    Without `skip_invalid` the first malformed row raises. Rows a schema filters out by rule
+    (`RowDropped`) are always dropped and counted, never an error.
+    """
     check = SCHEMAS[schema]
+    convert = FORMATS[fmt] if fmt else None
     unique = UNIQUE_KEYS.get(schema)
     seen: set[str] = set()
-    rows, invalid = [], []
+    rows, invalid, dropped = [], [], Counter()
     for where, raw in read_rows(path):
         try:
             if isinstance(raw, RowError):
                 raise raw
             if not isinstance(raw, dict):
                 raise RowError("a row must be a JSON object")
-            row = check(raw)
+            row = check(convert(raw) if convert else raw)
             if unique:
                 if row[unique] in seen:
                     raise RowError(f"duplicate {unique} {row[unique]!r}")
                 seen.add(row[unique])
+        except RowDropped as e:
+            dropped[str(e)] += 1
+            continue
         except RowError as e:
             if not skip_invalid:
                 raise RlhfError(f"{where}: {e} (fix the row, or pass --skip-invalid to drop bad rows)") from None
             invalid.append({"where": where, "reason": str(e)})
             continue
         rows.append(row)
-    return rows, invalid
+    return rows, invalid, dropped
 
 
 def import_dataset(store: ArtifactStore, schema: str, file: str | Path, name: str | None = None,
-                   skip_invalid: bool = False) -> Artifact:
+                   skip_invalid: bool = False, fmt: str | None = None) -> Artifact:
     """Validate `file` against `schema` and store it as a new version of dataset `name`."""
     if schema not in SCHEMAS:
         raise RlhfError(f"unknown dataset schema {schema!r}; expected one of {', '.join(SCHEMAS)}")
+    if fmt not in (None, "trl") and fmt not in FORMATS:
+        raise RlhfError(f"unknown format {fmt!r}; expected trl or {', '.join(FORMATS)}")
     path = Path(file)
-    rows, invalid = validate_file(path, schema, skip_invalid)
+    rows, invalid, filtered = validate_file(path, schema, skip_invalid, None if fmt == "trl" else fmt)
     if not rows:
-        raise RlhfError(f"{path}: no valid rows to import ({len(invalid)} invalid)")
+        why = f"{len(invalid)} invalid" + "".join(f", {n} {reason}" for reason, n in filtered.items())
+        raise RlhfError(f"{path}: no valid rows to import ({why})")
     config = {"schema": schema, "source": str(path.resolve()), "skip_invalid": skip_invalid}
+    if schema == "preferences":
+        config["format"] = fmt or "trl"
     with store.create("dataset", name or schema, stage="data import", config=config) as w:
         write_rows(w.path / DATA_FILE, rows)
         w.add_file_input("source", path)
         w.metrics.update({
             "rows": len(rows),
+            "filtered": sum(filtered.values()),
+            "filter_reasons": dict(filtered),
             "dropped": len(invalid),
             "drop_reasons": dict(Counter(i["reason"] for i in invalid)),
             "invalid_rows": invalid[:MAX_RECORDED_INVALID],

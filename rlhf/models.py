@@ -162,6 +162,34 @@ def load_causal_lm(store: ArtifactStore, art: Artifact, mode: str = "lora", **kw
     return AutoModelForCausalLM.from_pretrained(art.path, **kwargs)
 
 
+def load_sequence_classifier(store: ArtifactStore, art: Artifact, mode: str = "lora", pad_token_id: int | None = None):
+    """A causal-LM checkpoint as a one-output sequence classifier (a new linear `score` head).
+
+    An adapter checkpoint is merged first, and its backbone weights copied into the classifier,
+    so no merged copy has to be written to disk.
+    """
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+    import torch
+
+    check_mode(mode)
+    kwargs: dict[str, Any] = {"num_labels": 1}
+    if mode == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    if is_adapter(art):
+        if mode == "qlora":
+            raise RlhfError(f"{art.ref} is a LoRA adapter; merge it first (merge=true) to train QLoRA on it")
+        causal = load_causal_lm(store, art)
+        model = AutoModelForSequenceClassification.from_config(causal.config, num_labels=1)
+        prefix = model.base_model_prefix
+        getattr(model, prefix).load_state_dict(getattr(causal, prefix).state_dict())
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(art.path, **kwargs)
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -130,7 +130,9 @@ def test_sigkilled_run_resumes_from_its_last_checkpoint(tiny_ws):
 
 @pytest.mark.slow
 def test_sft_runs_under_accelerate_launch_with_two_cpu_processes(tiny_ws):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    # accelerate's `--cpu` launcher starts one process; `--multi_gpu` goes through torchrun,
+    # which on a machine without CUDA runs the processes on the CPU with the gloo backend.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "-m", "rlhf.cli", "--workspace", str(tiny_ws), "sft", "train.max_steps=6",
            "train.learning_rate=1e-2", *FAST]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -99,7 +99,8 @@ def test_import_manifest(store, tmp_path):
     assert art.ref == "datasets/support:v1"
     assert art.manifest["stage"] == "data import"
     assert art.manifest["config"] == {"schema": "sft", "source": str(path.resolve()), "skip_invalid": False}
-    assert art.manifest["metrics"] == {"rows": 2, "dropped": 0, "drop_reasons": {}, "invalid_rows": []}
+    assert art.manifest["metrics"] == {"rows": 2, "filtered": 0, "filter_reasons": {}, "dropped": 0, "drop_reasons": {},
+                                       "invalid_rows": []}
     assert list(art.manifest["files"]) == ["data.jsonl"]
     assert art.input("source")["file"] == str(path.resolve())
     assert store.verify(art.ref) == []
@@ -441,11 +442,13 @@ def user_texts(rows: list[dict]) -> set[str]:
 
 
 def test_demo_data_is_valid_and_held_out_prompts_do_not_leak():
-    sft, sft_bad = validate_file(DEMO_DATA / "support_sft.jsonl", "sft", skip_invalid=True)
-    prompts, prompts_bad = validate_file(DEMO_DATA / "support_prompts.jsonl", "prompts", skip_invalid=True)
-    heldout, heldout_bad = validate_file(DEMO_DATA / "support_prompts_heldout.jsonl", "prompts", skip_invalid=True)
+    sft, sft_bad, sft_filtered = validate_file(DEMO_DATA / "support_sft.jsonl", "sft", skip_invalid=True)
+    prompts, prompts_bad, _ = validate_file(DEMO_DATA / "support_prompts.jsonl", "prompts", skip_invalid=True)
+    heldout, heldout_bad, _ = validate_file(DEMO_DATA / "support_prompts_heldout.jsonl", "prompts",
+                                            skip_invalid=True)
 
     assert (sft_bad, prompts_bad, heldout_bad) == ([], [], [])
+    assert not sft_filtered
     assert len(sft) >= 200
     assert len(prompts) >= 1
     assert len(heldout) >= 100

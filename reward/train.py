@@ -1,0 +1,229 @@
+"""`rlhf reward`: a Bradley–Terry reward model with TRL's RewardTrainer.
+
+    rlhf reward                                      # sft:latest + preferences:latest -> checkpoints/reward/vK
+    rlhf reward --config configs/reward.yaml train.max_steps=100 center_coef=0.01
+    rlhf reward model=base:latest data=hh:latest mode=full
+
+The model is a one-output sequence classifier initialised from the input checkpoint. After
+training it is scored on a held-out split it never saw: pairwise accuracy with a bootstrap
+95% CI, accuracy by margin bucket, calibration (ECE), and the mean/std of its rewards on
+the training responses, saved as the normalisation that `rlhf score` and PPO apply.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from reward.loss import expected_calibration_error, preference_probability, reward_loss
+from rlhf import data as rdata
+from rlhf import models, training
+from rlhf.artifacts import Artifact, ArtifactStore
+from rlhf.config import RewardConfig, check_passthrough, dump
+from rlhf.errors import RlhfError
+from rlhf.judges import raw_rewards
+
+log = logging.getLogger(__name__)
+
+
+def _trainer_class():
+    import trl
+
+    class PairwiseRewardTrainer(trl.RewardTrainer):
+        """TRL's RewardTrainer with the loss from `reward/loss.py` (margin and centering included)."""
+
+        def __init__(self, *args, center_coef: float = 0.0, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.center_coef = center_coef
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if self.model.training else "eval"
+            margin = inputs.pop("margin", None)
+            outputs = model(**inputs, use_cache=False)
+            # The collator stacks all chosen rows, then all rejected rows.
+            rewards_chosen, rewards_rejected = torch.chunk(outputs.logits.squeeze(-1).float(), chunks=2)
+            loss, stats = reward_loss(rewards_chosen, rewards_rejected, margin, self.center_coef)
+            if mode == "train":
+                tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+                self._total_train_tokens += tokens
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            for key, value in stats.items():
+                self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value).mean().item())
+            return (loss, outputs) if return_outputs else loss
+
+    return PairwiseRewardTrainer
+
+
+def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
+    import trl
+    from datasets import Dataset
+
+    # 1. Check everything that can fail before any work is done.
+    check_passthrough("trl", cfg.trl, trl.RewardConfig)
+    models.check_mode(cfg.mode)
+    precision = models.resolve_precision(cfg.train.precision)
+    store.check_writable()
+    init = store.resolve(cfg.model, kind="checkpoint")
+    dataset = store.resolve(cfg.data, kind="dataset")
+    rows = rdata.load_rows(dataset, schema="preferences")
+    n_eval = round(len(rows) * cfg.train.eval_fraction)
+    if len(rows) < 2 or n_eval < 1 or n_eval >= len(rows):
+        raise RlhfError(f"{dataset.ref} has {len(rows)} pairs, which leaves {n_eval} held out at "
+                        f"train.eval_fraction={cfg.train.eval_fraction}; a reward model needs at least 2 pairs and "
+                        "at least one held-out pair (import more pairs or raise train.eval_fraction)")
+
+    # 2. A held-out split the model never trains on, the same for the same seed.
+    use_margin = cfg.use_margin and all(r["margin"] is not None for r in rows)
+    columns = ["prompt", "chosen", "rejected"] + (["margin"] if use_margin else [])
+    split = Dataset.from_list([{k: r[k] for k in columns} for r in rows]).train_test_split(
+        test_size=n_eval, seed=cfg.train.seed)
+
+    # 3. Model: the input checkpoint with a new one-output head.
+    tokenizer = models.load_tokenizer(init)
+    torch.manual_seed(cfg.train.seed)  # the new score head's init
+    model = models.load_sequence_classifier(store, init, cfg.mode, pad_token_id=tokenizer.pad_token_id)
+    peft_config = None
+    if cfg.mode in ("lora", "qlora"):
+        from peft import LoraConfig
+
+        # SEQ_CLS keeps the new `score` head fully trainable next to the adapter.
+        peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                 target_modules=cfg.lora.target_modules, task_type="SEQ_CLS")
+
+    # 4. Train, resuming an identical killed run from its scratch checkpoints.
+    config = dump(cfg)
+    scratch = store.scratch_dir("reward", training.run_id(config, [init, dataset]))
+    args = trl.RewardConfig(**training.trainer_kwargs(cfg.train, scratch, precision, has_eval=True),
+                            max_length=cfg.max_length, **cfg.trl)
+    trainer = _trainer_class()(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
+                               processing_class=tokenizer, peft_config=peft_config, center_coef=cfg.center_coef)
+    too_long = len(split["train"]) - len(trainer.train_dataset)
+    resume = training.last_complete_checkpoint(scratch) if scratch.exists() else None
+    if resume:
+        log.warning("resuming from %s", resume)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    wall = time.perf_counter() - start
+
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.accelerator.is_main_process:
+        return None
+
+    # 5. Held-out evaluation and normalisation statistics, from text like every later scorer.
+    out_model = trainer.model.merge_and_unload() if peft_config else trainer.model
+    metrics = evaluate(out_model, tokenizer, split, cfg)
+    trainable, total = models.count_parameters(trainer.model)
+    with store.create("checkpoint", cfg.output, stage="reward", config=config) as w:
+        # Saved merged, so scoring loads one standalone classifier (no adapter chain to follow).
+        out_model.save_pretrained(w.path)
+        tokenizer.save_pretrained(w.path)
+        training.save_logs(trainer.state.log_history, w.path / "logs")
+        write_report(metrics, w.path / "report", metrics.pop("_margins"))
+        w.add_input("model", init)
+        w.add_input("data", dataset)
+        w.metrics.update(metrics)
+        w.metrics.update({
+            "train_loss": result.training_loss,
+            "steps": trainer.state.global_step,
+            "train_pairs": len(trainer.train_dataset),
+            "train_pairs_too_long": too_long,
+            "eval_pairs": len(split["test"]),
+            "used_margin": use_margin,
+            "train_tokens": trainer._total_train_tokens,
+            "tokens_per_s": trainer._total_train_tokens / wall,
+            "wall_s": wall,
+            "peak_mem_mb": training.peak_memory_mb(),
+            "precision": precision,
+            "mode": cfg.mode,
+            "trainable_params": trainable,
+            "total_params": total,
+            "processes": trainer.accelerator.num_processes,
+            "resumed_from_step": int(resume.name.split("-")[-1]) if resume else None,
+        })
+    shutil.rmtree(scratch, ignore_errors=True)
+    return w.result
+
+
+def _conversations(rows, side: str) -> list:
+    return [r["prompt"] + r[side] for r in rows]
+
+
+def evaluate(model, tokenizer, split, cfg: RewardConfig) -> dict:
+    """Held-out accuracy (+ bootstrap CI), accuracy by margin bucket, ECE, and normalisation stats."""
+    import numpy as np
+    from scipy import stats
+
+    test, train = list(split["test"]), list(split["train"])
+    score = lambda convs: torch.tensor(raw_rewards(model, tokenizer, convs, cfg.train.batch_size, cfg.max_length))
+    r_c, r_r = score(_conversations(test, "chosen")), score(_conversations(test, "rejected"))
+    correct = (r_c > r_r).float().numpy()
+    ci = stats.bootstrap((correct,), np.mean, confidence_level=0.95, n_resamples=cfg.bootstrap_samples,
+                         method="percentile", random_state=cfg.train.seed).confidence_interval
+    probs = preference_probability(r_c, r_r)
+    _, loss_stats = reward_loss(r_c, r_r)
+    # Normalisation over training responses (chosen and rejected), so 0 = an average response.
+    # A seeded sample keeps this cheap on large sets; its mean and std estimate the full set's.
+    responses = _conversations(train, "chosen") + _conversations(train, "rejected")
+    rng = np.random.default_rng(cfg.train.seed)
+    sample = rng.choice(len(responses), size=min(cfg.normalization_samples, len(responses)), replace=False)
+    train_rewards = score([responses[i] for i in sorted(sample)])
+    metrics = {
+        "eval_accuracy": float(correct.mean()),
+        "eval_accuracy_ci95": [float(ci.low), float(ci.high)] if not np.isnan(ci.low) else [float(correct.mean())] * 2,
+        "eval_ece": float(expected_calibration_error(probs)),
+        "eval_mean_margin": float(loss_stats["margin"]),
+        "eval_loss": float(reward_loss(r_c, r_r)[0]),
+        "normalization": {"mean": float(train_rewards.mean()), "std": float(train_rewards.std().clamp(min=1e-6))},
+        "_margins": (r_c - r_r).tolist(),
+    }
+    if "margin" in split["test"].column_names:
+        metrics["eval_accuracy_by_margin"] = accuracy_by_bucket(np.array(split["test"]["margin"]), correct)
+    return metrics
+
+
+def accuracy_by_bucket(values, correct, n_buckets: int = 3) -> dict[str, dict]:
+    """Accuracy within quantile buckets of `values` (e.g. annotator-agreement margin)."""
+    import numpy as np
+
+    edges = np.unique(np.quantile(values, np.linspace(0, 1, n_buckets + 1)))
+    out = {}
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bucket = (values >= lo) & ((values <= hi) if hi == edges[-1] else (values < hi))
+        if in_bucket.any():
+            out[f"[{lo:.2f}, {hi:.2f}]"] = {"n": int(in_bucket.sum()), "accuracy": float(correct[in_bucket].mean())}
+    return out
+
+
+def write_report(metrics: dict, out_dir: Path, margins: list[float]) -> None:
+    """A short summary.md and a histogram of held-out reward margins r_c − r_r."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(margins, bins=30, color="#4c72b0")
+    ax.axvline(0, color="black", linewidth=1)
+    ax.set_xlabel("held-out reward margin  r(chosen) − r(rejected)")
+    ax.set_ylabel("pairs")
+    fig.tight_layout()
+    fig.savefig(out_dir / "margin_hist.png", dpi=100)
+    plt.close(fig)
+    lo, hi = metrics["eval_accuracy_ci95"]
+    lines = [
+        "# Reward model: held-out evaluation",
+        "",
+        f"- pairwise accuracy: {metrics['eval_accuracy']:.3f} (95% bootstrap CI {lo:.3f}–{hi:.3f})",
+        f"- expected calibration error of σ(r_c − r_r): {metrics['eval_ece']:.3f}",
+        f"- mean margin: {metrics['eval_mean_margin']:.3f}",
+        f"- normalisation (training responses): mean {metrics['normalization']['mean']:.3f}, "
+        f"std {metrics['normalization']['std']:.3f}",
+    ]
+    for bucket, v in metrics.get("eval_accuracy_by_margin", {}).items():
+        lines.append(f"- accuracy at margin {bucket}: {v['accuracy']:.3f} (n={v['n']})")
+    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")

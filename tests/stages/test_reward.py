@@ -1,0 +1,81 @@
+"""`rlhf reward` and `rlhf score` on a tiny random Llama with a synthetic, learnable preference."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from conftest import DEMO_DATA, rlhf
+from rlhf.artifacts import ArtifactStore
+
+MARKER = " Have a lovely day!"
+
+
+def write_marker_preferences(path: Path, n: int = 200, seed: int = 0) -> Path:
+    """chosen = a demo reply that ends with MARKER; rejected = a different demo reply without it."""
+    rng = random.Random(seed)
+    convs = [json.loads(line)["messages"] for line in (DEMO_DATA / "support_sft.jsonl").read_text().splitlines()]
+    with open(path, "w") as f:
+        for i in range(n):
+            prompt = convs[i % len(convs)][:-1]
+            a, b = rng.sample(convs, 2)
+            chosen = {"role": "assistant", "content": a[-1]["content"] + MARKER}
+            rejected = {"role": "assistant", "content": b[-1]["content"]}
+            f.write(json.dumps({"prompt": prompt, "chosen": [chosen], "rejected": [rejected]}) + "\n")
+    return path
+
+
+@pytest.fixture
+def pref_ws(tiny_ws, tmp_path):
+    assert rlhf(tiny_ws, "data", "import", "preferences", str(write_marker_preferences(tmp_path / "p.jsonl"))) == 0
+    return tiny_ws
+
+
+def test_reward_model_learns_the_marker_and_reports_held_out_metrics(pref_ws):
+    assert rlhf(pref_ws, "reward", "model=base:latest", "train.max_steps=60", "train.learning_rate=3e-3",
+                "train.eval_fraction=0.2", "max_length=256", "bootstrap_samples=200") == 0
+    art = ArtifactStore(pref_ws).resolve("reward:latest")
+    m = art.manifest["metrics"]
+    assert m["eval_pairs"] == 40
+    assert m["eval_accuracy"] >= 0.9
+    lo, hi = m["eval_accuracy_ci95"]
+    assert lo <= m["eval_accuracy"] <= hi and hi - lo < 0.3
+    assert 0 <= m["eval_ece"] <= 1
+    assert m["normalization"]["std"] > 0
+    assert (art.path / "report" / "margin_hist.png").stat().st_size > 1000
+    assert "pairwise accuracy" in (art.path / "report" / "summary.md").read_text()
+    assert {i["role"] for i in art.manifest["inputs"]} == {"model", "data"}
+
+
+def test_score_normalises_so_training_responses_average_zero_and_marker_scores_higher(pref_ws):
+    assert rlhf(pref_ws, "reward", "model=base:latest", "train.max_steps=60", "train.learning_rate=3e-3",
+                "train.eval_fraction=0.2", "max_length=256", "bootstrap_samples=200",
+                "normalization_samples=400") == 0
+    assert rlhf(pref_ws, "score", "reward=reward:latest", "data=preferences:latest") == 0
+    store = ArtifactStore(pref_ws)
+    scored = store.resolve("datasets/preferences:latest")
+    assert scored.version == 2 and {i["role"] for i in scored.manifest["inputs"]} == {"data", "reward"}
+    rows = [json.loads(line) for line in (scored.path / "data.jsonl").read_text().splitlines()]
+    scores = [r[k] for r in rows for k in ("chosen_score", "rejected_score")]
+    # The normalisation was estimated on the 320 training pairs (all 640 responses sampled
+    # down to 400); over all 200 pairs the normalised mean sits near 0.
+    assert abs(sum(scores) / len(scores)) < 0.3
+    assert sum(r["chosen_score"] > r["rejected_score"] for r in rows) / len(rows) >= 0.9
+
+
+def test_bad_reward_inputs_fail_clearly(pref_ws, tmp_path, capsys):
+    one = tmp_path / "one.jsonl"
+    one.write_text((tmp_path / "p.jsonl").read_text().splitlines()[0] + "\n")
+    assert rlhf(pref_ws, "data", "import", "preferences", str(one), "--name", "tiny") == 0
+    assert rlhf(pref_ws, "reward", "model=base:latest", "data=tiny:latest") == 2
+    assert "needs at least 2 pairs" in capsys.readouterr().err
+    # An SFT dataset is not a preference dataset.
+    assert rlhf(pref_ws, "reward", "model=base:latest", "data=sft:latest") == 2
+    assert "needs a 'preferences' dataset" in capsys.readouterr().err
+    # Scoring with something that is not a reward model is refused.
+    assert rlhf(pref_ws, "score", "reward=base:latest", "data=preferences:latest") == 2
+    assert "not a reward model" in capsys.readouterr().err
+    assert not (pref_ws / "checkpoints" / "reward").exists()
