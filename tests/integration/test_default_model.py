@@ -65,3 +65,27 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert "stage timings:" in out and "user:" in out
     lineage = ArtifactStore(ws).lineage("checkpoints/sft:latest")
     assert "checkpoints/base:v1" in lineage and "datasets/sft:v1" in lineage and ".gguf" in lineage
+
+
+def test_reward_on_real_hh_rows_then_score_normalises_to_zero_mean(real_ws, tmp_path):
+    from conftest import shared_data
+
+    lines = shared_data("hh-rlhf-harmless/train.jsonl").read_text().splitlines()[:40]
+    small = tmp_path / "hh40.jsonl"
+    small.write_text("\n".join(lines) + "\n")
+    assert rlhf(real_ws, "data", "import", "preferences", str(small), "--format", "hh", "--name", "hh") == 0
+    assert rlhf(real_ws, "reward", "model=base:latest", "data=hh:latest", "train.max_steps=3", "train.batch_size=4",
+                "max_length=256", "bootstrap_samples=200", "normalization_samples=1000") == 0
+    store = ArtifactStore(real_ws)
+    reward = store.resolve("reward:latest")
+    m = reward.manifest["metrics"]
+    assert m["steps"] == 3 and 0 <= m["eval_accuracy"] <= 1 and m["normalization"]["std"] > 0
+    assert {i["role"]: i["ref"] for i in reward.manifest["inputs"]} == {"model": "checkpoints/base:v1",
+                                                                         "data": "datasets/hh:v1"}
+    assert rlhf(real_ws, "score", "reward=reward:latest", "data=hh:latest") == 0
+    rows = [json.loads(line) for line in (store.resolve("hh:latest").path / "data.jsonl").read_text().splitlines()]
+    scores = [r[k] for r in rows for k in ("chosen_score", "rejected_score")]
+    # Normalised on the 36 training pairs; over all 40 pairs the mean is close to 0 and the spread close to 1.
+    mean = sum(scores) / len(scores)
+    assert abs(mean) < 0.25
+    assert 0.5 < (sum((s - mean) ** 2 for s in scores) / len(scores)) ** 0.5 < 1.5
