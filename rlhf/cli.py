@@ -3,9 +3,12 @@
     rlhf base import [PATH]                       # packaged SmolLM2-135M-Instruct, or a local checkpoint
     rlhf data import sft FILE [--name N] [--skip-invalid]
     rlhf data import preferences FILE [--format trl|hh]
+    rlhf generate model=sft:latest data=prompts:latest k=4 sampling.temperature=0.8
     rlhf sft [--config configs/sft.yaml] train.max_steps=20
     rlhf reward [--config configs/reward.yaml] model=sft:latest data=preferences:latest
     rlhf score reward=reward:latest data=candidates:latest
+    rlhf dpo [--config configs/dpo.yaml] model=sft:latest data=preferences:latest
+    rlhf ppo [--config configs/ppo.yaml] model=sft:latest reward=reward:latest data=prompts:latest
     rlhf artifacts list | show REF | lineage REF | verify REF
     rlhf demo [--quick]
 
@@ -24,14 +27,18 @@ import warnings
 from typing import Callable
 
 from rlhf.artifacts import ArtifactStore
-from rlhf.config import RewardConfig, ScoreConfig, SFTConfig, load_config
+from rlhf.config import (DPOConfig, GenerateConfig, PPOConfig, RewardConfig, ScoreConfig, SFTConfig,
+                         load_config)
 from rlhf.errors import RlhfError
 
 # stage name -> (config class, "module:function"); modules are imported only when run.
 STAGES: dict[str, tuple[type, str]] = {
     "sft": (SFTConfig, "sft.train:main"),
+    "generate": (GenerateConfig, "rlhf.generate:main"),
     "reward": (RewardConfig, "reward.train:main"),
     "score": (ScoreConfig, "reward.score:main"),
+    "dpo": (DPOConfig, "ppo.dpo:main"),
+    "ppo": (PPOConfig, "ppo.ppo:main"),
 }
 
 

@@ -104,6 +104,75 @@ class RewardConfig(StageConfig):
     trl: dict[str, Any] = Field(default_factory=dict, description="passed through to trl.RewardConfig")
 
 
+class DPOConfig(StageConfig):
+    model: str = "sft:latest"
+    data: str = "preferences:latest"
+    output: str = "dpo"
+    mode: Literal["lora", "full", "qlora"] = "lora"
+    lora: LoraConfig = LoraConfig()
+    max_length: int = Field(512, ge=8, description="tokens per prompt+response")
+    beta: float = Field(0.1, gt=0, description="strength of the implicit KL constraint to the reference")
+    loss_type: str | list[str] = Field("sigmoid", description="any TRL DPO loss: sigmoid, ipo, hinge, robust, ...")
+    precompute_ref_log_probs: bool = Field(False, description="score the reference once before training")
+    kl_prompts: int = Field(16, ge=0, description="held-out prompts sampled to measure KL to the reference")
+    max_new_tokens: int = Field(48, ge=1, description="response length when sampling for the KL measurement")
+    trl: dict[str, Any] = Field(default_factory=dict, description="passed through to trl.DPOConfig")
+
+
+class PPOHyperparameters(Section):
+    """Names and defaults follow "The N+ Implementation Details of RLHF with PPO" (Huang et al. 2024)."""
+
+    epochs: int = Field(2, ge=1, description="optimisation passes over each rollout batch")
+    minibatch_size: int = Field(4, ge=1)
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    gamma: float = Field(1.0, gt=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    kl_coef: float = Field(0.05, ge=0, description="initial (adaptive) or fixed KL penalty coefficient")
+    adaptive_kl: bool = False
+    kl_target: float = Field(6.0, gt=0, description="adaptive only: target KL per response, in nats")
+    kl_horizon: int = Field(10000, gt=0, description="adaptive only: controller horizon, in samples")
+    temperature: float = Field(0.7, gt=0)
+    max_new_tokens: int = Field(48, ge=1)
+    max_prompt_length: int = Field(256, ge=8, description="longer prompts keep their last tokens and are counted")
+    missing_eos_penalty: float = Field(1.0, ge=0, description="subtracted from the score of a response cut off without EOS")
+
+
+class PPOConfig(StageConfig):
+    model: str = "sft:latest"
+    reward: str = "reward:latest"
+    data: str = "prompts:latest"
+    eval_data: str | None = Field(None, description="held-out prompts ref; default: train.eval_fraction of `data`")
+    output: str = "ppo"
+    mode: Literal["lora", "qlora"] = "lora"
+    lora: LoraConfig = LoraConfig()
+    ppo: PPOHyperparameters = PPOHyperparameters()
+    train: TrainConfig = TrainConfig(max_steps=20, batch_size=8, learning_rate=5e-5, save_steps=5)
+    eval_every: int = Field(5, ge=1, description="evaluate on held-out prompts every N iterations")
+    eval_prompts: int = Field(16, ge=1)
+    samples_kept: int = Field(4, ge=0, description="sample responses kept per evaluation")
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(0.8, ge=0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(96, ge=1)
+
+
+class GenerateConfig(Section):
+    model: str = "sft:latest"
+    data: str = "prompts:latest"
+    output: str = "candidates"
+    k: int = Field(4, ge=1, description="responses sampled per prompt")
+    sampling: SamplingConfig = SamplingConfig()
+    batch_size: int = Field(8, ge=1, description="prompts per generate() call (each with k samples)")
+    max_prompt_length: int = Field(512, ge=8)
+    limit: int | None = Field(None, ge=1, description="use only the first N prompts")
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+
+
 class ScoreConfig(Section):
     reward: str = "reward:latest"
     data: str = "candidates:latest"

@@ -77,3 +77,82 @@ class RewardModel:
         conversations = [list(p) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
         raw = raw_rewards(self.model, self.tokenizer, conversations, batch_size, self.max_length)
         return [(r - self.mean) / self.std for r in raw]
+
+
+# -- the demo's gold scorer ------------------------------------------------------
+
+STOPWORDS = frozenset("""a an the and or but if then so to of in on at for with from by about as is are was were be been
+being it its this that these those i me my we our you your he she they them their what which who whom how when where why
+can could would should will shall do does did done have has had not no yes just please hi hello hey there here up out
+get got am im i'm it's don't can't""".split())
+POLITE = ("thank", "thanks", "sorry", "happy to help", "glad", "appreciate", "of course", "sure", "understand",
+          "apologi")
+RUDE = ("stupid", "idiot", "not my problem", "whatever", "calm down", "deal with it", "your fault", "obviously",
+        "can't help you", "go away", "shut up")
+ACTIONS = ("reply with", "please", "you can", "we'll", "we will", "i'll", "use the", "visit", "click", "go to",
+           "within", "send", "share", "check", "contact", "email", "call", "open", "select", "choose", "let us know",
+           "let me know")
+EVASIVE = ("as an ai", "i am an ai", "i'm an ai", "language model", "i cannot help", "i can't assist",
+           "i'm not able to help", "consult a professional")
+
+
+def _words(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def gold_score(prompt: list[dict[str, str]], response: str) -> float:
+    """A fixed, documented judge of support replies for the demo domain; it knows no trained model.
+
+    It encodes the house style the demo data was written in, as a sum of five parts:
+
+    - tone (−2…+1): +1 if the reply is polite (thanks, sorry, glad, happy to help…), −2 per
+      rude phrase, −0.5 for grovelling (more than two apologies);
+    - brevity (−2…+1): +1 for 15–70 words, falling linearly to −2 at 160 words; −1 under 6 words;
+    - structure (−1…+0.5): +0.5 for 2–4 sentences, −1 for more than 6;
+    - next step (0…+1): +1 if it names a concrete action ("reply with", "you can", "we'll", "visit"…);
+    - relevance (−1…+1.5): share of the user's last message's content words that the reply uses,
+      scaled to +1.5, and −1 for evasive boilerplate ("as an AI", "consult a professional");
+    - repetition (−2…0): −2 × the share of repeated word trigrams (loops and rambling).
+
+    Deterministic, pure Python, and independent of any model, so win-rates judged by it are
+    honest: no policy or reward model was trained on it (only simulated annotators use it,
+    through noisy rankings).
+    """
+    text = response.strip()
+    low = text.lower()
+    words = _words(text)
+    n = len(words)
+    if n == 0:
+        return -5.0
+    score = 0.0
+    # tone
+    score += 1.0 if any(p in low for p in POLITE) else 0.0
+    score -= 2.0 * sum(low.count(r) for r in RUDE)
+    score -= 0.5 if low.count("sorry") + low.count("apologi") > 2 else 0.0
+    # brevity
+    if n < 6:
+        score -= 1.0
+    elif n <= 70:
+        score += 1.0
+    else:
+        score += 1.0 - 3.0 * min(1.0, (n - 70) / 90)
+    # structure
+    import re
+
+    sentences = [s for s in re.split(r"[.!?]+(?:\s|$)", text) if s.strip()]
+    score += 0.5 if 2 <= len(sentences) <= 4 else (-1.0 if len(sentences) > 6 else 0.0)
+    # next step
+    score += 1.0 if any(a in low for a in ACTIONS) else 0.0
+    # relevance
+    user = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+    asked = {w for w in _words(user) if w not in STOPWORDS and len(w) > 2}
+    if asked:
+        score += 1.5 * len(asked & set(words)) / len(asked)
+    score -= 1.0 if any(e in low for e in EVASIVE) else 0.0
+    # repetition
+    trigrams = list(zip(words, words[1:], words[2:]))
+    if trigrams:
+        score -= 2.0 * (1 - len(set(trigrams)) / len(trigrams))
+    return round(score, 6)

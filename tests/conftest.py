@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,27 @@ def shared_data(name: str) -> Path:
             pytest.fail(f"{path} is missing; CI must have ../shared/data beside the checkout")
         pytest.skip(f"{path} not found (shared data lives beside the checkout)")
     return path
+
+
+MARKER = " Have a lovely day!"
+
+
+def write_marker_preferences(path: Path, n: int = 200, seed: int = 0) -> Path:
+    """chosen = a demo reply that ends with MARKER; rejected = a different demo reply without it."""
+    rng = random.Random(seed)
+    convs = [json.loads(line)["messages"] for line in (DEMO_DATA / "support_sft.jsonl").read_text().splitlines()]
+    with open(path, "w") as f:
+        for i in range(n):
+            prompt = convs[i % len(convs)][:-1]
+            a, b = rng.sample(convs, 2)
+            chosen = {"role": "assistant", "content": a[-1]["content"] + MARKER}
+            rejected = {"role": "assistant", "content": b[-1]["content"]}
+            f.write(json.dumps({"prompt": prompt, "chosen": [chosen], "rejected": [rejected]}) + "\n")
+    return path
+
+
+@pytest.fixture
+def pref_ws(tiny_ws, tmp_path) -> Path:
+    """`tiny_ws` plus the marker preference set as preferences:v1."""
+    assert rlhf(tiny_ws, "data", "import", "preferences", str(write_marker_preferences(tmp_path / "p.jsonl"))) == 0
+    return tiny_ws

@@ -3,35 +3,9 @@
 from __future__ import annotations
 
 import json
-import random
-from pathlib import Path
 
-import pytest
-
-from conftest import DEMO_DATA, rlhf
+from conftest import rlhf
 from rlhf.artifacts import ArtifactStore
-
-MARKER = " Have a lovely day!"
-
-
-def write_marker_preferences(path: Path, n: int = 200, seed: int = 0) -> Path:
-    """chosen = a demo reply that ends with MARKER; rejected = a different demo reply without it."""
-    rng = random.Random(seed)
-    convs = [json.loads(line)["messages"] for line in (DEMO_DATA / "support_sft.jsonl").read_text().splitlines()]
-    with open(path, "w") as f:
-        for i in range(n):
-            prompt = convs[i % len(convs)][:-1]
-            a, b = rng.sample(convs, 2)
-            chosen = {"role": "assistant", "content": a[-1]["content"] + MARKER}
-            rejected = {"role": "assistant", "content": b[-1]["content"]}
-            f.write(json.dumps({"prompt": prompt, "chosen": [chosen], "rejected": [rejected]}) + "\n")
-    return path
-
-
-@pytest.fixture
-def pref_ws(tiny_ws, tmp_path):
-    assert rlhf(tiny_ws, "data", "import", "preferences", str(write_marker_preferences(tmp_path / "p.jsonl"))) == 0
-    return tiny_ws
 
 
 def test_reward_model_learns_the_marker_and_reports_held_out_metrics(pref_ws):

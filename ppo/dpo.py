@@ -1,0 +1,151 @@
+"""`rlhf dpo`: direct preference optimisation with TRL's DPOTrainer.
+
+    rlhf dpo                                         # sft:latest + preferences:latest -> checkpoints/dpo/vK
+    rlhf dpo --config configs/dpo.yaml beta=0.2 loss_type=ipo
+    rlhf dpo precompute_ref_log_probs=true train.max_steps=100
+
+The reference is the policy with its LoRA adapter disabled (TRL does this when given a PEFT
+model and no reference), so no second copy is loaded. Held out: reward accuracy and margin
+of the implicit reward β·log(π/π_ref), and the KL to the reference on sampled responses.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+
+import torch
+
+from ppo.rollout import encode_prompts, forward_response, sample
+from rlhf import data as rdata
+from rlhf import models, training
+from rlhf.artifacts import Artifact, ArtifactStore
+from rlhf.config import DPOConfig, check_passthrough, dump
+from rlhf.errors import RlhfError
+
+log = logging.getLogger(__name__)
+
+
+def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
+    import trl
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    # 1. Check everything that can fail before any work is done.
+    check_passthrough("trl", cfg.trl, trl.DPOConfig)
+    loss_type = [cfg.loss_type] if isinstance(cfg.loss_type, str) else cfg.loss_type
+    known = trl_loss_types()
+    if known and (unknown := [t for t in loss_type if t not in known]):
+        raise RlhfError(f"config: loss_type {unknown[0]!r} is not a TRL DPO loss; choose from {', '.join(sorted(known))}")
+    models.check_mode(cfg.mode)
+    precision = models.resolve_precision(cfg.train.precision)
+    store.check_writable()
+    init = store.resolve(cfg.model, kind="checkpoint")
+    dataset = store.resolve(cfg.data, kind="dataset")
+    rows = rdata.load_rows(dataset, schema="preferences")
+    n_eval = round(len(rows) * cfg.train.eval_fraction)
+    if len(rows) < 2 or n_eval < 1 or n_eval >= len(rows):
+        raise RlhfError(f"{dataset.ref} has {len(rows)} pairs, leaving {n_eval} held out; DPO needs at least 2 pairs "
+                        "and one held-out pair (import more pairs or raise train.eval_fraction)")
+
+    # 2. Held-out split, the same for the same seed.
+    split = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]).train_test_split(
+        test_size=n_eval, seed=cfg.train.seed)
+
+    # 3. Policy = input weights + a new LoRA adapter; reference = the same with the adapter off.
+    #    (mode=full has no adapter to switch off, so TRL keeps a frozen copy as the reference.)
+    tokenizer = models.load_tokenizer(init)
+    model = models.load_causal_lm(store, init, mode=cfg.mode)
+    peft_config = None if cfg.mode == "full" else LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+
+    # 4. Train, resuming an identical killed run.
+    config = dump(cfg)
+    scratch = store.scratch_dir("dpo", training.run_id(config, [init, dataset]))
+    args = trl.DPOConfig(**training.trainer_kwargs(cfg.train, scratch, precision, has_eval=True),
+                         max_length=cfg.max_length, beta=cfg.beta, loss_type=loss_type,
+                         precompute_ref_log_probs=cfg.precompute_ref_log_probs, **cfg.trl)
+    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
+                             processing_class=tokenizer, peft_config=peft_config)
+    initial = trainer.evaluate()
+    resume = training.last_complete_checkpoint(scratch) if scratch.exists() else None
+    if resume:
+        log.warning("resuming from %s", resume)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    wall = time.perf_counter() - start
+    final = trainer.evaluate()
+
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.accelerator.is_main_process:
+        return None
+
+    # 5. KL to the reference on held-out prompts, from responses the trained policy samples.
+    prompts = [r["prompt"] for r in split["test"]][:cfg.kl_prompts]
+    kl = held_out_kl(trainer.model, trainer.ref_model, tokenizer, prompts, cfg.max_new_tokens) if prompts else None
+    trainable, total = models.count_parameters(trainer.model)
+    with store.create("checkpoint", cfg.output, stage="dpo", config=config) as w:
+        trainer.model.save_pretrained(w.path)
+        tokenizer.save_pretrained(w.path)
+        training.save_logs(trainer.state.log_history, w.path / "logs")
+        w.add_input("model", init)
+        w.add_input("reference", init)
+        w.add_input("data", dataset)
+        w.metrics.update({
+            "eval_reward_accuracy_initial": initial.get("eval_rewards/accuracies"),
+            "eval_reward_accuracy": final.get("eval_rewards/accuracies"),
+            "eval_reward_margin_initial": initial.get("eval_rewards/margins"),
+            "eval_reward_margin": final.get("eval_rewards/margins"),
+            "eval_loss_initial": initial["eval_loss"],
+            "eval_loss": final["eval_loss"],
+            "eval_kl_to_reference": kl,
+            "train_loss": result.training_loss,
+            "steps": trainer.state.global_step,
+            "train_pairs": len(split["train"]),
+            "eval_pairs": len(split["test"]),
+            "train_tokens": trainer._total_train_tokens,
+            "tokens_per_s": trainer._total_train_tokens / wall,
+            "wall_s": wall,
+            "peak_mem_mb": training.peak_memory_mb(),
+            "precision": precision,
+            "trainable_params": trainable,
+            "total_params": total,
+            "processes": trainer.accelerator.num_processes,
+            "resumed_from_step": int(resume.name.split("-")[-1]) if resume else None,
+        })
+    shutil.rmtree(scratch, ignore_errors=True)
+    return w.result
+
+
+def trl_loss_types() -> set[str]:
+    """The loss names TRL's DPOConfig documents for `loss_type` (TRL itself checks only mid-training)."""
+    import dataclasses
+    import re
+
+    import trl
+
+    field = next(f for f in dataclasses.fields(trl.DPOConfig) if f.name == "loss_type")
+    return set(re.findall(r"`'([a-z0-9_]+)'`", field.metadata.get("help", "")))
+
+
+@torch.no_grad()
+def held_out_kl(model, ref_model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int = 8) -> float:
+    """Mean over prompts of Σ_t [log π(y_t) − log π_ref(y_t)] for responses y ~ π (a KL estimate).
+
+    `ref_model` None means the reference is `model` with its adapter disabled.
+    """
+    model.eval()
+    per_seq = []
+    for i in range(0, len(prompts), batch_size):
+        ids, mask, _ = encode_prompts(tokenizer, prompts[i:i + batch_size], max_prompt_length=1024)
+        rollout = sample(model, tokenizer, ids, mask, max_new_tokens, temperature=1.0)
+        logprobs = forward_response(model, rollout)["logprobs"]
+        if ref_model is None:
+            with model.disable_adapter():
+                ref_logprobs = forward_response(model, rollout)["logprobs"]
+        else:
+            ref_logprobs = forward_response(ref_model, rollout)["logprobs"]
+        per_seq.append(((logprobs - ref_logprobs) * rollout.response_mask).sum(dim=1))
+    return float(torch.cat(per_seq).mean())

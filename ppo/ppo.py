@@ -1,0 +1,365 @@
+"""`rlhf ppo`: PPO against a reward model, after InstructGPT and "The N+ Implementation Details
+of RLHF with PPO" (Huang et al. 2024). The math is in `ppo/core.py`; this loop only orchestrates.
+
+    rlhf ppo                                    # sft:latest + reward:latest + prompts:latest -> checkpoints/ppo/vK
+    rlhf ppo --config configs/ppo.yaml ppo.kl_coef=0.1 train.max_steps=40
+    accelerate launch --multi_gpu --num_processes 2 -m rlhf.cli ppo ...
+
+Models: the actor is the input checkpoint plus a LoRA adapter; the reference is the same
+weights with the adapter disabled (no second copy); the critic is a value head on the actor,
+initialised from the reward model's score head; the reward is the normalised reward-model
+score. A killed run resumes from `workspace/.scratch/ppo-<run id>/` when re-run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ppo import core
+from ppo.rollout import Rollout, decode_responses, encode_prompts, forward_response, sample
+from rlhf import data as rdata
+from rlhf import models, training
+from rlhf.artifacts import Artifact, ArtifactStore
+from rlhf.config import PPOConfig, dump
+from rlhf.errors import RlhfError
+
+log = logging.getLogger(__name__)
+
+# (prompts, response texts, rollout) -> scores (B,). The CLI scores with a reward model;
+# tests pass a toy function of the token ids.
+ScoreFn = Callable[[list, list[str], Rollout], torch.Tensor]
+
+
+class ActorCritic(nn.Module):
+    """The LoRA policy and a scalar value head on its last hidden state, trained together."""
+
+    def __init__(self, policy, value_head: nn.Linear, temperature: float):
+        super().__init__()
+        self.policy, self.value_head, self.temperature = policy, value_head, temperature
+
+    def forward(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        return forward_response(self.policy, rollout, self.temperature, value_head=self.value_head)
+
+
+def main(cfg: PPOConfig, store: ArtifactStore) -> Artifact | None:
+    from rlhf.judges import RewardModel
+
+    store.check_writable()
+    reward = RewardModel(store, cfg.reward)  # refuses a checkpoint that is not a reward model
+
+    def score_fn(prompts, texts, rollout):
+        return torch.tensor(reward.score(prompts, texts, batch_size=cfg.train.batch_size))
+
+    return train(cfg, store, score_fn, reward_artifact=reward.artifact, reward_head=value_head_init(reward))
+
+
+def value_head_init(reward) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Weights that make the value head start as the reward model's normalised score head."""
+    head = getattr(reward.model, "score", None)
+    if head is None:
+        return None
+    w = head.weight.detach().float()  # (1, hidden)
+    return w / reward.std, torch.tensor([-reward.mean / reward.std])
+
+
+def train(cfg: PPOConfig, store: ArtifactStore, score_fn: ScoreFn, reward_artifact: Artifact | None = None,
+          reward_head: tuple[torch.Tensor, torch.Tensor] | None = None) -> Artifact | None:
+    from accelerate import Accelerator
+    from peft import LoraConfig, get_peft_model
+
+    hp = cfg.ppo
+    precision = models.resolve_precision(cfg.train.precision)
+    policy_init = store.resolve(cfg.model, kind="checkpoint")
+    prompts_art = store.resolve(cfg.data, kind="dataset")
+    train_prompts, eval_prompts = _prompt_sets(store, cfg, prompts_art)
+    if cfg.train.batch_size % hp.minibatch_size:
+        raise RlhfError(f"config: train.batch_size={cfg.train.batch_size} must be a multiple of "
+                        f"ppo.minibatch_size={hp.minibatch_size}")
+
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
+    torch.manual_seed(cfg.train.seed + accelerator.process_index)
+    tokenizer = models.load_tokenizer(policy_init)
+    base = models.load_causal_lm(store, policy_init, mode=cfg.mode)
+    if cfg.mode == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    policy = get_peft_model(base, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
+                                             target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
+    value_head = nn.Linear(base.config.hidden_size, 1)
+    with torch.no_grad():
+        value_head.weight.zero_(), value_head.bias.zero_()
+        if reward_head is not None and reward_head[0].shape == value_head.weight.shape:
+            value_head.weight.copy_(reward_head[0]), value_head.bias.copy_(reward_head[1])
+    model = ActorCritic(policy, value_head, hp.temperature)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.learning_rate,
+                                  eps=1e-5)  # eps as in the N+ details
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped: ActorCritic = accelerator.unwrap_model(model)
+    kl_ctl = (core.AdaptiveKLController(hp.kl_coef, hp.kl_target, hp.kl_horizon) if hp.adaptive_kl
+              else core.FixedKLController(hp.kl_coef))
+
+    world = accelerator.num_processes
+    global_batch = cfg.train.batch_size * world
+    n_iters = cfg.train.max_steps if cfg.train.max_steps > 0 else \
+        math.ceil(cfg.train.epochs * len(train_prompts) / global_batch)
+    config = dump(cfg)
+    inputs = [policy_init, prompts_art] + ([reward_artifact] if reward_artifact else [])
+    scratch = store.scratch_dir("ppo", training.run_id(config, inputs))
+    history: list[dict] = []
+    start_iter = _resume(scratch, unwrapped, optimizer, kl_ctl, history)
+    truncated = 0
+    timings = {"generation_s": 0.0, "generation_tokens": 0, "update_s": 0.0, "update_tokens": 0}
+    run_start = time.perf_counter()
+
+    evaluate = lambda it: _evaluate(unwrapped, tokenizer, eval_prompts, score_fn, cfg, it, accelerator)
+    evals = [] if start_iter else [evaluate(0)]
+    for it in range(start_iter, n_iters):
+        # 1. Sample a batch of prompts (a seeded shuffle per epoch; each process takes its own slice).
+        batch = _prompt_batch(train_prompts, it, global_batch, cfg.train.batch_size, accelerator.process_index,
+                              cfg.train.seed)
+        prompt_ids, prompt_mask, n_cut = encode_prompts(tokenizer, batch, hp.max_prompt_length)
+        truncated += n_cut
+        device = accelerator.device
+        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+
+        # 2. Generate with the KV cache, the whole batch at once.
+        model.eval()
+        t0 = time.perf_counter()
+        with accelerator.autocast():
+            rollout = sample(unwrapped.policy, tokenizer, prompt_ids, prompt_mask, hp.max_new_tokens, hp.temperature)
+        timings["generation_s"] += time.perf_counter() - t0
+        timings["generation_tokens"] += int(rollout.response_mask.sum())
+        mask = rollout.response_mask
+
+        # 3. Score; a response that hit the length limit without EOS is penalised.
+        texts = decode_responses(tokenizer, rollout)
+        raw_score = score_fn(batch, texts, rollout).to(device).float()
+        score = raw_score - hp.missing_eos_penalty * (~rollout.has_eos).float()
+
+        # 4. Log-probs of the sampled tokens under the policy and the reference (adapter off), and values.
+        with torch.no_grad(), accelerator.autocast():
+            out = forward_response(unwrapped.policy, rollout, hp.temperature, value_head=unwrapped.value_head,
+                                   with_entropy=True)
+            with unwrapped.policy.disable_adapter():
+                ref_logprobs = forward_response(unwrapped.policy, rollout, hp.temperature)["logprobs"]
+        old_logprobs, old_values = out["logprobs"], out["values"] * mask
+
+        # 5. Per-token KL penalty, score added at the last real token.
+        rewards, kl = core.kl_penalized_rewards(score, old_logprobs, ref_logprobs, mask, kl_ctl.value)
+
+        # 6. GAE, then whiten the advantages over the batch.
+        advantages, returns = core.gae(rewards, old_values, mask, hp.gamma, hp.lam)
+        advantages = core.masked_whiten(advantages, mask)
+
+        # 7. PPO epochs over shuffled minibatches, clipped policy and value losses.
+        model.train()
+        t0 = time.perf_counter()
+        stats = _ppo_epochs(model, optimizer, accelerator, rollout, old_logprobs, old_values, advantages, returns, cfg)
+        timings["update_s"] += time.perf_counter() - t0
+        timings["update_tokens"] += hp.epochs * int(rollout.attention_mask.sum())
+
+        # 8. Log, adapt the KL coefficient, evaluate, checkpoint for resume.
+        kl_per_seq = accelerator.gather_for_metrics((kl.sum(dim=1))).mean()
+        record = {
+            "iteration": it + 1,
+            "score": accelerator.gather_for_metrics(raw_score).mean().item(),
+            "kl": kl_per_seq.item(),
+            "kl_coef": kl_ctl.value,
+            "entropy": out["entropy"].item(),
+            "explained_variance": core.explained_variance(old_values, returns, mask).item(),
+            "response_length": mask.sum(dim=1).mean().item(),
+            "eos_rate": rollout.has_eos.float().mean().item(),
+            **stats,
+        }
+        kl_ctl.update(record["kl"], global_batch)
+        if (it + 1) % cfg.eval_every == 0 or it + 1 == n_iters:
+            evals.append(evaluate(it + 1))
+            record["eval_score"] = evals[-1]["score"]
+        history.append(record)
+        if accelerator.is_main_process:
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}), flush=True)
+        if (it + 1) % cfg.train.save_steps == 0 and it + 1 < n_iters:
+            _save_state(scratch, it + 1, unwrapped, optimizer, kl_ctl, history, accelerator)
+
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+    wall = time.perf_counter() - run_start
+    with store.create("checkpoint", cfg.output, stage="ppo", config=config) as w:
+        unwrapped.policy.save_pretrained(w.path)
+        tokenizer.save_pretrained(w.path)
+        _save_curves(history, evals, w.path / "logs")
+        w.add_input("model", policy_init)
+        w.add_input("reference", policy_init)
+        w.add_input("data", prompts_art)
+        if reward_artifact:
+            w.add_input("reward", reward_artifact)
+        w.metrics.update({
+            "iterations": n_iters,
+            "eval_score_initial": evals[0]["score"] if evals and evals[0]["iteration"] == 0 else None,
+            "eval_score": evals[-1]["score"] if evals else None,
+            "eval_kl": evals[-1]["kl"] if evals else None,
+            "final_kl": history[-1]["kl"] if history else None,
+            "prompts_truncated": truncated,
+            "generation_tokens_per_s": timings["generation_tokens"] / max(timings["generation_s"], 1e-9),
+            "update_tokens_per_s": timings["update_tokens"] / max(timings["update_s"], 1e-9),
+            "wall_s": wall,
+            "peak_mem_mb": training.peak_memory_mb(),
+            "precision": precision,
+            "processes": world,
+            "resumed_from_iteration": start_iter or None,
+        })
+    shutil.rmtree(scratch, ignore_errors=True)
+    return w.result
+
+
+def _ppo_epochs(model, optimizer, accelerator, rollout: Rollout, old_logprobs, old_values, advantages, returns,
+                cfg: PPOConfig) -> dict[str, float]:
+    hp = cfg.ppo
+    n = rollout.response_ids.shape[0]
+    sums: dict[str, float] = {}
+    count = 0
+    for _ in range(hp.epochs):
+        for idx in torch.randperm(n).split(hp.minibatch_size):
+            mb = Rollout(rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.response_ids[idx],
+                         rollout.response_mask[idx], rollout.has_eos[idx])
+            with accelerator.autocast():
+                out = model(mb)
+            pg_loss, pg_stats = core.ppo_policy_loss(out["logprobs"], old_logprobs[idx], advantages[idx],
+                                                     mb.response_mask, hp.cliprange)
+            vf_loss, vf_stats = core.ppo_value_loss(out["values"], old_values[idx], returns[idx],
+                                                    mb.response_mask, hp.cliprange_value)
+            loss = pg_loss + hp.vf_coef * vf_loss
+            optimizer.zero_grad()
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step = {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(),
+                    **{k: float(v) for k, v in {**pg_stats, **vf_stats}.items()}}
+            for k, v in step.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+    return {k: v / count for k, v in sums.items()}
+
+
+@torch.no_grad()
+def _evaluate(unwrapped: ActorCritic, tokenizer, prompts: list, score_fn: ScoreFn, cfg: PPOConfig, iteration: int,
+              accelerator) -> dict:
+    """Mean score and KL to the reference on held-out prompts, with a fixed sampling seed."""
+    hp = cfg.ppo
+    rng = torch.get_rng_state()
+    torch.manual_seed(cfg.train.seed)
+    prompts = prompts[:cfg.eval_prompts]
+    scores, kls, samples = [], [], []
+    for i in range(0, len(prompts), cfg.train.batch_size):
+        batch = prompts[i:i + cfg.train.batch_size]
+        ids, mask, _ = encode_prompts(tokenizer, batch, hp.max_prompt_length)
+        with accelerator.autocast():
+            rollout = sample(unwrapped.policy, tokenizer, ids.to(accelerator.device), mask.to(accelerator.device),
+                             hp.max_new_tokens, hp.temperature)
+            logprobs = forward_response(unwrapped.policy, rollout, hp.temperature)["logprobs"]
+            with unwrapped.policy.disable_adapter():
+                ref = forward_response(unwrapped.policy, rollout, hp.temperature)["logprobs"]
+        texts = decode_responses(tokenizer, rollout)
+        s = score_fn(batch, texts, rollout).float()
+        scores += s.tolist()
+        kls += ((logprobs - ref) * rollout.response_mask).sum(dim=1).tolist()
+        samples += [{"prompt": p[-1]["content"], "response": t, "score": float(v)} for p, t, v in zip(batch, texts, s)]
+    torch.set_rng_state(rng)
+    return {"iteration": iteration, "score": sum(scores) / len(scores), "kl": sum(kls) / len(kls),
+            "samples": samples[:cfg.samples_kept]}
+
+
+def _prompt_sets(store: ArtifactStore, cfg: PPOConfig, prompts_art: Artifact) -> tuple[list, list]:
+    """Training prompts and held-out prompts (a separate dataset, or a seeded split of `data`)."""
+    rows = rdata.load_rows(prompts_art, schema="prompts")
+    if cfg.eval_data:
+        held = rdata.load_rows(store.resolve(cfg.eval_data, kind="dataset"), schema="prompts")
+        train_rows = rows
+    else:
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
+        n_eval = max(1, round(len(rows) * cfg.train.eval_fraction))
+        held, train_rows = [rows[i] for i in order[:n_eval]], [rows[i] for i in order[n_eval:]]
+    if not train_rows or not held:
+        raise RlhfError(f"{prompts_art.ref} has {len(rows)} prompts; PPO needs training prompts and held-out prompts "
+                        "(import more, or pass eval_data=<prompts ref>)")
+    return [r["prompt"] for r in train_rows], [r["prompt"] for r in held]
+
+
+def _prompt_batch(prompts: list, it: int, global_batch: int, batch_size: int, rank: int, seed: int) -> list:
+    """Iteration `it`'s slice of an endless stream of seeded per-epoch shuffles."""
+    n = len(prompts)
+    start = it * global_batch + rank * batch_size
+    out = []
+    for pos in range(start, start + batch_size):
+        epoch, j = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        out.append(prompts[perm[j]])
+    return out
+
+
+def _trainable_state(unwrapped: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu() for n, p in unwrapped.named_parameters() if p.requires_grad}
+
+
+def _save_state(scratch, iteration, unwrapped, optimizer, kl_ctl, history, accelerator) -> None:
+    """Trainable weights, optimizer, RNG and logs, written to a temp file and renamed into place."""
+    if not accelerator.is_main_process:
+        return
+    scratch.mkdir(parents=True, exist_ok=True)
+    tmp = scratch / f".state-{iteration}.tmp"
+    torch.save({"iteration": iteration, "trainable": _trainable_state(unwrapped),
+                "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value, "history": history,
+                "rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, scratch / "state.pt")
+
+
+def _resume(scratch, unwrapped, optimizer, kl_ctl, history) -> int:
+    path = scratch / "state.pt"
+    if not path.is_file():
+        return 0
+    state = torch.load(path, weights_only=False)
+    params = dict(unwrapped.named_parameters())
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    kl_ctl.value = state["kl_coef"]
+    history.extend(state["history"])
+    torch.set_rng_state(state["rng"])
+    log.warning("resuming from iteration %d (%s)", state["iteration"], path)
+    return state["iteration"]
+
+
+def _save_curves(history: list[dict], evals: list[dict], out_dir) -> None:
+    """ppo_log.jsonl, evals.jsonl (with sample responses) and a PNG of score and KL per iteration."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "ppo_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    (out_dir / "evals.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    its = [r["iteration"] for r in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(its, [r["score"] for r in history], label="rollout score")
+    a.plot([e["iteration"] for e in evals], [e["score"] for e in evals], "o-", label="held-out score")
+    a.set_xlabel("iteration"), a.set_ylabel("normalised reward"), a.legend()
+    b.plot(its, [r["kl"] for r in history], color="#c44e52")
+    b.set_xlabel("iteration"), b.set_ylabel("KL to reference (nats / response)")
+    fig.tight_layout()
+    fig.savefig(out_dir / "ppo_curves.png", dpi=100)
+    plt.close(fig)

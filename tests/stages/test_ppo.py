@@ -1,0 +1,59 @@
+"""`rlhf ppo` on a tiny random Llama with a toy reward: the reward rises while KL stays finite."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from conftest import DEMO_DATA, rlhf
+from ppo.ppo import train
+from rlhf import models
+from rlhf.artifacts import ArtifactStore
+from rlhf.config import PPOConfig, load_config
+
+
+def favourite_token(store: ArtifactStore) -> int:
+    """The token the untrained model most likes to start a reply with: a target PPO can reach."""
+    base = store.resolve("base:latest")
+    tok, model = models.load_tokenizer(base), models.load_causal_lm(store, base)
+    text = tok.apply_chat_template([{"role": "user", "content": "Where is my order?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    logits = model(ids).logits[0, -1]
+    logits[[tok.eos_token_id, tok.pad_token_id]] = -math.inf  # a target that ends replies would be degenerate
+    return int(logits.argmax())
+
+
+def test_ppo_raises_a_toy_reward_within_a_few_dozen_iterations(tiny_ws):
+    assert rlhf(tiny_ws, "data", "import", "prompts", str(DEMO_DATA / "support_prompts.jsonl")) == 0
+    store = ArtifactStore(tiny_ws)
+    target = favourite_token(store)
+
+    def fraction_of_target(prompts, texts, rollout):
+        hits = ((rollout.response_ids == target).float() * rollout.response_mask).sum(dim=1)
+        return hits / rollout.response_mask.sum(dim=1).clamp(min=1)
+
+    cfg = load_config(PPOConfig, None, [
+        "model=base:latest", "train.max_steps=30", "train.batch_size=16", "train.learning_rate=1e-2",
+        "ppo.minibatch_size=8", "ppo.epochs=4", "ppo.max_new_tokens=8", "ppo.kl_coef=0.01",
+        "ppo.missing_eos_penalty=0", "ppo.temperature=1.0", "eval_every=10", "eval_prompts=16"])
+    art = train(cfg, store, fraction_of_target)
+    m = art.manifest["metrics"]
+    history = [json.loads(line) for line in (art.path / "logs" / "ppo_log.jsonl").read_text().splitlines()]
+    first, last = history[0]["score"], sum(h["score"] for h in history[-5:]) / 5
+    assert last > first + 0.2, (first, last)
+    assert m["eval_score"] > m["eval_score_initial"] + 0.2
+    assert all(math.isfinite(h["kl"]) for h in history) and math.isfinite(m["eval_kl"])
+    assert len(history) == 30 and {"clipfrac", "approx_kl", "value_loss", "entropy", "explained_variance",
+                                    "response_length"} <= set(history[0])
+    assert (art.path / "logs" / "ppo_curves.png").is_file()
+    assert {i["role"] for i in art.manifest["inputs"]} == {"model", "reference", "data"}
+
+
+def test_ppo_refuses_a_reward_ref_that_is_not_a_reward_model(tiny_ws, capsys):
+    assert rlhf(tiny_ws, "data", "import", "prompts", str(DEMO_DATA / "support_prompts.jsonl")) == 0
+    assert rlhf(tiny_ws, "ppo", "model=base:latest", "reward=base:latest") == 2
+    err = capsys.readouterr().err
+    assert "not a reward model" in err and "\n" not in err.strip()
