@@ -116,13 +116,15 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: ScoreFn, reward_artifa
     inputs = [policy_init, prompts_art] + ([reward_artifact] if reward_artifact else [])
     scratch = store.scratch_dir("ppo", training.run_id(config, inputs))
     history: list[dict] = []
-    start_iter = _resume(scratch, unwrapped, optimizer, kl_ctl, history)
+    evals: list[dict] = []
+    start_iter = _resume(scratch, unwrapped, optimizer, kl_ctl, history, evals)
     truncated = 0
     timings = {"generation_s": 0.0, "generation_tokens": 0, "update_s": 0.0, "update_tokens": 0}
     run_start = time.perf_counter()
 
     evaluate = lambda it: _evaluate(unwrapped, tokenizer, eval_prompts, score_fn, cfg, it, accelerator)
-    evals = [] if start_iter else [evaluate(0)]
+    if not start_iter:
+        evals.append(evaluate(0))
     for it in range(start_iter, n_iters):
         # 1. Sample a batch of prompts (a seeded shuffle per epoch; each process takes its own slice).
         batch = _prompt_batch(train_prompts, it, global_batch, cfg.train.batch_size, accelerator.process_index,
@@ -189,7 +191,7 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: ScoreFn, reward_artifa
         if accelerator.is_main_process:
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}), flush=True)
         if (it + 1) % cfg.train.save_steps == 0 and it + 1 < n_iters:
-            _save_state(scratch, it + 1, unwrapped, optimizer, kl_ctl, history, accelerator)
+            _save_state(scratch, it + 1, unwrapped, optimizer, kl_ctl, history, evals, accelerator)
 
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
@@ -312,7 +314,7 @@ def _trainable_state(unwrapped: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu() for n, p in unwrapped.named_parameters() if p.requires_grad}
 
 
-def _save_state(scratch, iteration, unwrapped, optimizer, kl_ctl, history, accelerator) -> None:
+def _save_state(scratch, iteration, unwrapped, optimizer, kl_ctl, history, evals, accelerator) -> None:
     """Trainable weights, optimizer, RNG and logs, written to a temp file and renamed into place."""
     if not accelerator.is_main_process:
         return
@@ -320,11 +322,11 @@ def _save_state(scratch, iteration, unwrapped, optimizer, kl_ctl, history, accel
     tmp = scratch / f".state-{iteration}.tmp"
     torch.save({"iteration": iteration, "trainable": _trainable_state(unwrapped),
                 "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value, "history": history,
-                "rng": torch.get_rng_state()}, tmp)
+                "evals": evals, "rng": torch.get_rng_state()}, tmp)
     os.replace(tmp, scratch / "state.pt")
 
 
-def _resume(scratch, unwrapped, optimizer, kl_ctl, history) -> int:
+def _resume(scratch, unwrapped, optimizer, kl_ctl, history, evals) -> int:
     path = scratch / "state.pt"
     if not path.is_file():
         return 0
@@ -336,6 +338,7 @@ def _resume(scratch, unwrapped, optimizer, kl_ctl, history) -> int:
     optimizer.load_state_dict(state["optimizer"])
     kl_ctl.value = state["kl_coef"]
     history.extend(state["history"])
+    evals.extend(state["evals"])
     torch.set_rng_state(state["rng"])
     log.warning("resuming from iteration %d (%s)", state["iteration"], path)
     return state["iteration"]

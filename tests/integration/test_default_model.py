@@ -89,3 +89,37 @@ def test_reward_on_real_hh_rows_then_score_normalises_to_zero_mean(real_ws, tmp_
     mean = sum(scores) / len(scores)
     assert abs(mean) < 0.25
     assert 0.5 < (sum((s - mean) ** 2 for s in scores) / len(scores)) ** 0.5 < 1.5
+
+
+def _chat(store, ref):
+    art = store.resolve(ref, kind="checkpoint")
+    tokenizer, model = models.load_tokenizer(art), models.load_causal_lm(store, art)
+    prompt = [{"role": "user", "content": "Can I return a rug I bought last week?"}]
+    [reply] = complete(model, tokenizer, [prompt], max_new_tokens=16)
+    return reply
+
+
+def test_dpo_few_steps_on_real_pairs_makes_a_checkpoint_that_chats(real_ws):
+    # Runs after the reward test above, which imported the HH rows as hh:v1.
+    assert rlhf(real_ws, "dpo", "model=sft:latest", "data=hh:v1", "train.max_steps=2", "train.batch_size=2",
+                "max_length=256", "kl_prompts=2", "max_new_tokens=8") == 0
+    store = ArtifactStore(real_ws)
+    m = store.resolve("dpo:latest").manifest["metrics"]
+    assert m["steps"] == 2 and 0 <= m["eval_reward_accuracy"] <= 1 and m["eval_kl_to_reference"] is not None
+    assert len(_chat(store, "dpo:latest").split()) >= 2
+
+
+def test_ppo_few_iterations_with_the_real_reward_model_makes_a_checkpoint_that_chats(real_ws):
+    assert rlhf(real_ws, "data", "import", "prompts", str(DEMO_DATA / "support_prompts.jsonl")) == 0
+    assert rlhf(real_ws, "ppo", "model=sft:latest", "reward=reward:latest", "data=prompts:latest",
+                "train.max_steps=2", "train.batch_size=4", "ppo.minibatch_size=2", "ppo.max_new_tokens=16",
+                "eval_every=2", "eval_prompts=4") == 0
+    store = ArtifactStore(real_ws)
+    art = store.resolve("ppo:latest")
+    m = art.manifest["metrics"]
+    assert m["iterations"] == 2 and m["generation_tokens_per_s"] > 0 and m["update_tokens_per_s"] > 0
+    assert m["eval_score_initial"] is not None and m["eval_kl"] is not None
+    roles = {i["role"]: i["ref"] for i in art.manifest["inputs"]}
+    assert roles["reward"] == "checkpoints/reward:v1" and roles["reference"] == roles["model"]
+    assert len(_chat(store, "ppo:latest").split()) >= 2
+    assert "sft:v1" in store.lineage("ppo:latest") and "reward:v1" in store.lineage("ppo:latest")

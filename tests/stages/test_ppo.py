@@ -57,3 +57,34 @@ def test_ppo_refuses_a_reward_ref_that_is_not_a_reward_model(tiny_ws, capsys):
     assert rlhf(tiny_ws, "ppo", "model=base:latest", "reward=base:latest") == 2
     err = capsys.readouterr().err
     assert "not a reward model" in err and "\n" not in err.strip()
+
+
+def test_a_crashed_ppo_run_resumes_from_its_saved_iteration(tiny_ws):
+    assert rlhf(tiny_ws, "data", "import", "prompts", str(DEMO_DATA / "support_prompts.jsonl")) == 0
+    store = ArtifactStore(tiny_ws)
+    calls = {"n": 0}
+
+    def crashing_reward(prompts, texts, rollout):
+        calls["n"] += 1
+        if calls["n"] == 5:  # evaluation at 0 is call 1; iterations 1..3 are calls 2..4
+            raise KeyboardInterrupt("simulated kill during iteration 4")
+        return rollout.response_mask.sum(dim=1) / 8
+
+    overrides = ["model=base:latest", "train.max_steps=6", "train.save_steps=2", "train.batch_size=4",
+                 "ppo.minibatch_size=2", "ppo.max_new_tokens=8", "eval_every=100", "eval_prompts=4"]
+    cfg = load_config(PPOConfig, None, overrides)
+    try:
+        train(cfg, store, crashing_reward)
+    except KeyboardInterrupt:
+        pass
+    assert not (tiny_ws / "checkpoints" / "ppo").exists(), "a crashed run must publish nothing"
+    assert list((tiny_ws / ".scratch").glob("ppo-*/state.pt"))
+
+    calls["n"] = -10**6  # no more crashes
+    art = train(load_config(PPOConfig, None, overrides), store, crashing_reward)
+    m = art.manifest["metrics"]
+    history = [json.loads(line) for line in (art.path / "logs" / "ppo_log.jsonl").read_text().splitlines()]
+    assert m["resumed_from_iteration"] == 2
+    assert [h["iteration"] for h in history] == [1, 2, 3, 4, 5, 6]
+    assert m["eval_score_initial"] is not None  # the evaluation before the crash survived the resume
+    assert not any((tiny_ws / ".scratch").glob("ppo-*"))
