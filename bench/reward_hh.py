@@ -86,19 +86,15 @@ def run_baseline(store, train_rows, args) -> dict:
 
 def run_one(args) -> None:
     """One side of the comparison: train, score dev, write its figures to `args.result`."""
-    from datasets import Dataset
-
     from rlhf.artifacts import ArtifactStore
-    from rlhf.data import load_rows, validate_file
+    from rlhf.data import load_rows, split_pairs, validate_file
 
     store = ArtifactStore(args.workspace)
     dev_rows = validate_file(SHARED / "dev.jsonl", "preferences", False, "hh")[0][:args.dev_limit]
     # The exact rows the suite trains on (its seeded split), so the baseline sees the same data.
-    rows = load_rows(store.resolve("hh-train:latest"))
-    n_eval = round(len(rows) * args.eval_fraction)
-    cols = ("prompt", "chosen", "rejected")
-    split = Dataset.from_list([{k: r[k] for k in cols} for r in rows]).train_test_split(test_size=n_eval,
-                                                                                          seed=args.seed)
+    train = store.resolve("hh-train:latest")
+    split = split_pairs(train, load_rows(train), args.eval_fraction, args.seed, ["prompt", "chosen", "rejected"],
+                        stage="the benchmark")
     r = run_suite(store, args) if args.only == "suite" else run_baseline(store, list(split["train"]), args)
     r["metric"] = held_out_accuracy(r.pop("model"), r.pop("tokenizer"), dev_rows, args.max_length)
     r.update({"dev_pairs": len(dev_rows), "train_pairs": len(split["train"])})

@@ -80,10 +80,15 @@ def _own_lease(s: Session, user: User, task_set_id: int | None, now: dt.datetime
     if task_set_id is not None:
         stmt = stmt.where(Item.task_set_id == task_set_id)
     for assignment in s.scalars(stmt).all():
-        item, task_set = lock_item(s, assignment.item_id)
-        if assignment.is_live(now) or slots_taken(s, item.id, now, except_user_id=user.id) < task_set.overlap:
-            assignment.lease_expires_at = expires
-            return item, assignment
+        if assignment.is_live(now):
+            item = s.get(Item, assignment.item_id)
+        else:
+            # Expired: it comes back only if no one took the slot meanwhile (counted under the lock).
+            item, task_set = lock_item(s, assignment.item_id)
+            if slots_taken(s, item.id, now, except_user_id=user.id) >= task_set.overlap:
+                continue
+        assignment.lease_expires_at = expires
+        return item, assignment
     return None
 
 

@@ -33,7 +33,7 @@ PAIR_MODES = ("all", "best-vs-rest")
 STAGE = "label export"
 
 
-# -- schemas this module adds to rlhf.data's registry ---------------------------------------
+# -- the schemas of the datasets this module writes ------------------------------------------
 
 
 def validate_rankings(row: dict[str, Any]) -> dict[str, Any]:
@@ -66,10 +66,11 @@ def validate_ab_votes(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-# Registered here rather than in rlhf/data.py: the spine stays free of labeling code, and
-# `rlhf.data.load_rows(art, schema="rankings")` works once this module is imported.
-data.SCHEMAS.setdefault("rankings", validate_rankings)
-data.SCHEMAS.setdefault("ab_votes", validate_ab_votes)
+# The schemas this stage writes. Kept here, not added to rlhf.data.SCHEMAS: those are the
+# shapes `rlhf data import` accepts from users, and these are only ever written by export.
+# `rlhf.data.load_rows(art, schema="rankings")` needs no registry: it checks the manifest's
+# config["schema"], which export sets.
+SCHEMAS = {"rankings": validate_rankings, "ab_votes": validate_ab_votes}
 
 
 # -- rankings to pairs (pure) ---------------------------------------------------------------

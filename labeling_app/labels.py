@@ -17,14 +17,14 @@ import datetime as dt
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session
 
 from labeling_app import agreement
 from labeling_app.assign import holds_slot, lock_item, lock_user, slots_taken
-from labeling_app.store import (AB_CHOICES, Assignment, Item, Label, LabelStore, TaskSet, User, as_utc)
+from labeling_app.store import AB_CHOICES, Assignment, Item, Label, LabelStore, TaskSet, User, as_utc
 from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.data import load_rows
 from rlhf.errors import RlhfError
@@ -54,6 +54,8 @@ def _create_task_set(store: LabelStore, name: str, kind: str, overlap: int, sour
                      items: list[dict[str, Any]]) -> TaskSet:
     if overlap < 1:
         raise RlhfError(f"overlap must be at least 1, got {overlap}")
+    if not name.strip() or len(name) > 128:
+        raise RlhfError(f"task set name {name!r} must be 1 to 128 characters")
 
     def create(s: Session) -> TaskSet:
         if s.scalar(select(TaskSet.id).where(TaskSet.name == name)) is not None:
@@ -190,16 +192,17 @@ def _ab_judgement(choice: str, flag: str | None, rationale: str | None, item: It
 def _checked_item(s: Session, item_id: int, kind: str) -> tuple[Item, TaskSet]:
     row = s.execute(select(Item, TaskSet).join(TaskSet, TaskSet.id == Item.task_set_id)
                     .where(Item.id == item_id)).first()
-    found = None if row is None else (row[0], row[1])
-    if found is None:
+    if row is None:
         raise RlhfError(f"no item {item_id} in the labels database")
-    if found[1].kind != kind:
-        use = "submit_ab / revise_ab" if found[1].kind == "ab" else "submit / revise"
-        raise RlhfError(f"item {item_id} belongs to {found[1].kind} task set {found[1].name!r}; use {use}")
-    return found
+    item, ts = row
+    if ts.kind != kind:
+        use = "submit_ab / revise_ab" if ts.kind == "ab" else "submit / revise"
+        raise RlhfError(f"item {item_id} belongs to {ts.kind} task set {ts.name!r}; use {use}")
+    return item, ts
 
 
-def _submit(store: LabelStore, user: User, item_id: int, kind: str, build, now: dt.datetime | None) -> Label:
+def _submit(store: LabelStore, user: User, item_id: int, kind: str, build: Callable[[Item], _Judgement],
+            now: dt.datetime | None) -> Label:
     now = as_utc(now)
 
     def save(s: Session) -> Label:
@@ -235,7 +238,8 @@ def _submit(store: LabelStore, user: User, item_id: int, kind: str, build, now: 
     return store.transaction(save)
 
 
-def _revise(store: LabelStore, user: User, item_id: int, kind: str, build, now: dt.datetime | None) -> Label:
+def _revise(store: LabelStore, user: User, item_id: int, kind: str, build: Callable[[Item], _Judgement],
+            now: dt.datetime | None) -> Label:
     now = as_utc(now)
 
     def save(s: Session) -> Label:
@@ -287,6 +291,7 @@ def revise(store: LabelStore, user: User, item_id: int, ranking: Ranking, none_a
 
 def revise_ab(store: LabelStore, user: User, item_id: int, choice: str, flag: str | None = None,
               rationale: str = "", now: dt.datetime | None = None) -> Label:
+    """Replace the user's most recent A/B vote (which must be for `item_id`) and bump its revision."""
     return _revise(store, user, item_id, "ab", lambda item: _ab_judgement(choice, flag, rationale, item), now)
 
 

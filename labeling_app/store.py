@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from sqlalchemy import (JSON, Boolean, CheckConstraint, DateTime, ForeignKey, Index, Integer, String, Text,
                         UniqueConstraint, create_engine, event, select, text)
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from rlhf.errors import RlhfError
@@ -190,7 +190,11 @@ class LabelStore:
 
     def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 20):
         self.url = url
-        self.engine = create_engine(url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True)
+        try:
+            self.engine = create_engine(url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True)
+        except (ArgumentError, NoSuchModuleError) as e:
+            raise RlhfError(f"{url!r} is not a usable database URL ({e}); write e.g. sqlite:///labels.db "
+                            "or postgresql+psycopg2://user@host/db") from None
         self.dialect = self.engine.dialect.name
         self._sqlite_writer = threading.Lock()
         if self.dialect == "sqlite":
@@ -232,7 +236,8 @@ class LabelStore:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL is durable against app crashes
+            # FULL: a commit is on disk, not only in the OS cache, before the page says "saved".
+            cur.execute("PRAGMA synchronous=FULL")
             cur.close()
 
         @event.listens_for(self.engine, "begin")
@@ -322,7 +327,7 @@ class LabelStore:
             if found is None:
                 names = s.scalars(select(TaskSet.name).order_by(TaskSet.id)).all()
         if found is None:
-            what = f"task set {name!r}" if name else f"{kind or 'any'} task set"
+            what = f"task set {name!r}" if name else f"{kind} task set" if kind else "task set"
             have = ", ".join(names) or "none; load one with `rlhf label load candidates:vK`"
             raise RlhfError(f"no {what} in {self.safe_url} (task sets: {have})")
         return found

@@ -11,9 +11,7 @@ of the implicit reward β·log(π/π_ref), and the KL to the reference on sample
 
 from __future__ import annotations
 
-import logging
 import shutil
-import time
 
 import torch
 
@@ -24,12 +22,9 @@ from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.config import DPOConfig, check_passthrough, dump
 from rlhf.errors import RlhfError
 
-log = logging.getLogger(__name__)
-
 
 def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
     import trl
-    from datasets import Dataset
     from peft import LoraConfig
 
     # 1. Check everything that can fail before any work is done.
@@ -44,14 +39,10 @@ def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
     init = store.resolve(cfg.model, kind="checkpoint")
     dataset = store.resolve(cfg.data, kind="dataset")
     rows = rdata.load_rows(dataset, schema="preferences")
-    n_eval = round(len(rows) * cfg.train.eval_fraction)
-    if len(rows) < 2 or n_eval < 1 or n_eval >= len(rows):
-        raise RlhfError(f"{dataset.ref} has {len(rows)} pairs, leaving {n_eval} held out; DPO needs at least 2 pairs "
-                        "and one held-out pair (import more pairs or raise train.eval_fraction)")
 
     # 2. Held-out split, the same for the same seed.
-    split = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]).train_test_split(
-        test_size=n_eval, seed=cfg.train.seed)
+    split = rdata.split_pairs(dataset, rows, cfg.train.eval_fraction, cfg.train.seed,
+                              ["prompt", "chosen", "rejected"], stage="DPO")
 
     # 3. Policy = input weights + a new LoRA adapter; reference = the same with the adapter off.
     #    (mode=full has no adapter to switch off, so TRL keeps a frozen copy as the reference.)
@@ -70,12 +61,7 @@ def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
                              processing_class=tokenizer, peft_config=peft_config)
     initial = trainer.evaluate()
-    resume = training.last_complete_checkpoint(scratch) if scratch.exists() else None
-    if resume:
-        log.warning("resuming from %s", resume)
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    wall = time.perf_counter() - start
+    run = training.train_resumable(trainer, scratch)
     final = trainer.evaluate()
 
     trainer.accelerator.wait_for_everyone()
@@ -85,7 +71,7 @@ def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
     # 5. KL to the reference on held-out prompts, from responses the trained policy samples.
     prompts = [r["prompt"] for r in split["test"]][:cfg.kl_prompts]
     kl = held_out_kl(trainer.model, trainer.ref_model, tokenizer, prompts, cfg.max_new_tokens) if prompts else None
-    trainable, total = models.count_parameters(trainer.model)
+    run_metrics = training.run_metrics(trainer, run, precision)
     with store.create("checkpoint", cfg.output, stage="dpo", config=config) as w:
         trainer.model.save_pretrained(w.path)
         tokenizer.save_pretrained(w.path)
@@ -101,19 +87,10 @@ def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
             "eval_loss_initial": initial["eval_loss"],
             "eval_loss": final["eval_loss"],
             "eval_kl_to_reference": kl,
-            "train_loss": result.training_loss,
-            "steps": trainer.state.global_step,
             "train_pairs": len(split["train"]),
             "eval_pairs": len(split["test"]),
-            "train_tokens": trainer._total_train_tokens,
-            "tokens_per_s": trainer._total_train_tokens / wall,
-            "wall_s": wall,
-            "peak_mem_mb": training.peak_memory_mb(),
-            "precision": precision,
-            "trainable_params": trainable,
-            "total_params": total,
-            "processes": trainer.accelerator.num_processes,
-            "resumed_from_step": int(resume.name.split("-")[-1]) if resume else None,
+            "mode": cfg.mode,
+            **run_metrics,
         })
     shutil.rmtree(scratch, ignore_errors=True)
     return w.result

@@ -12,9 +12,7 @@ the training responses, saved as the normalisation that `rlhf score` and PPO app
 
 from __future__ import annotations
 
-import logging
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -24,10 +22,7 @@ from rlhf import data as rdata
 from rlhf import models, training
 from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.config import RewardConfig, check_passthrough, dump
-from rlhf.errors import RlhfError
 from rlhf.judges import raw_rewards
-
-log = logging.getLogger(__name__)
 
 
 def _trainer_class():
@@ -60,7 +55,6 @@ def _trainer_class():
 
 def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
     import trl
-    from datasets import Dataset
 
     # 1. Check everything that can fail before any work is done.
     check_passthrough("trl", cfg.trl, trl.RewardConfig)
@@ -70,17 +64,12 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
     init = store.resolve(cfg.model, kind="checkpoint")
     dataset = store.resolve(cfg.data, kind="dataset")
     rows = rdata.load_rows(dataset, schema="preferences")
-    n_eval = round(len(rows) * cfg.train.eval_fraction)
-    if len(rows) < 2 or n_eval < 1 or n_eval >= len(rows):
-        raise RlhfError(f"{dataset.ref} has {len(rows)} pairs, which leaves {n_eval} held out at "
-                        f"train.eval_fraction={cfg.train.eval_fraction}; a reward model needs at least 2 pairs and "
-                        "at least one held-out pair (import more pairs or raise train.eval_fraction)")
 
     # 2. A held-out split the model never trains on, the same for the same seed.
     use_margin = cfg.use_margin and all(r["margin"] is not None for r in rows)
     columns = ["prompt", "chosen", "rejected"] + (["margin"] if use_margin else [])
-    split = Dataset.from_list([{k: r[k] for k in columns} for r in rows]).train_test_split(
-        test_size=n_eval, seed=cfg.train.seed)
+    split = rdata.split_pairs(dataset, rows, cfg.train.eval_fraction, cfg.train.seed, columns,
+                              stage="a reward model")
 
     # 3. Model: the input checkpoint with a new one-output head.
     tokenizer = models.load_tokenizer(init)
@@ -102,12 +91,7 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
     trainer = _trainer_class()(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
                                processing_class=tokenizer, peft_config=peft_config, center_coef=cfg.center_coef)
     too_long = len(split["train"]) - len(trainer.train_dataset)
-    resume = training.last_complete_checkpoint(scratch) if scratch.exists() else None
-    if resume:
-        log.warning("resuming from %s", resume)
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    wall = time.perf_counter() - start
+    run = training.train_resumable(trainer, scratch)
 
     trainer.accelerator.wait_for_everyone()
     if not trainer.accelerator.is_main_process:
@@ -115,8 +99,8 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
 
     # 5. Held-out evaluation and normalisation statistics, from text like every later scorer.
     out_model = trainer.model.merge_and_unload() if peft_config else trainer.model
+    run_metrics = training.run_metrics(trainer, run, precision)
     metrics = evaluate(out_model, tokenizer, split, cfg)
-    trainable, total = models.count_parameters(trainer.model)
     with store.create("checkpoint", cfg.output, stage="reward", config=config) as w:
         # Saved merged, so scoring loads one standalone classifier (no adapter chain to follow).
         out_model.save_pretrained(w.path)
@@ -127,22 +111,12 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
         w.add_input("data", dataset)
         w.metrics.update(metrics)
         w.metrics.update({
-            "train_loss": result.training_loss,
-            "steps": trainer.state.global_step,
             "train_pairs": len(trainer.train_dataset),
             "train_pairs_too_long": too_long,
             "eval_pairs": len(split["test"]),
             "used_margin": use_margin,
-            "train_tokens": trainer._total_train_tokens,
-            "tokens_per_s": trainer._total_train_tokens / wall,
-            "wall_s": wall,
-            "peak_mem_mb": training.peak_memory_mb(),
-            "precision": precision,
             "mode": cfg.mode,
-            "trainable_params": trainable,
-            "total_params": total,
-            "processes": trainer.accelerator.num_processes,
-            "resumed_from_step": int(resume.name.split("-")[-1]) if resume else None,
+            **run_metrics,
         })
     shutil.rmtree(scratch, ignore_errors=True)
     return w.result

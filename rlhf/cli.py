@@ -9,6 +9,7 @@
     rlhf score reward=reward:latest data=candidates:latest
     rlhf dpo [--config configs/dpo.yaml] model=sft:latest data=preferences:latest
     rlhf ppo [--config configs/ppo.yaml] model=sft:latest reward=reward:latest data=prompts:latest
+    rlhf label users add NAME | load candidates:vK | load-ab A B | serve | export | status
     rlhf artifacts list | show REF | lineage REF | verify REF
     rlhf demo [--quick]
 
@@ -84,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
         a = art_sub.add_parser(action, parents=[common])
         a.add_argument("ref")
 
+    from labeling_app.cli import add_label_parser
+
+    add_label_parser(sub, common)
+
     demo = sub.add_parser("demo", parents=[common], help="run the whole loop on the packaged model and demo data")
     demo.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     return p
@@ -116,6 +121,10 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({k: v for k, v in art.manifest["metrics"].items() if isinstance(v, (int, float))}))
     elif args.command == "artifacts":
         return _artifacts(store, args)
+    elif args.command == "label":
+        from labeling_app.cli import run_label
+
+        return run_label(args, store)
     elif args.command == "demo":
         from rlhf.demo import run_demo
 

@@ -292,3 +292,18 @@ def load_rows(artifact: Artifact, schema: str | None = None) -> list[dict]:
         raise RlhfError(f"{artifact.ref} is a {have!r} dataset, but this stage needs a {schema!r} dataset")
     with open(artifact.path / DATA_FILE, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def split_pairs(dataset: Artifact, rows: list[dict], eval_fraction: float, seed: int, columns: list[str], stage: str):
+    """A seeded (train, test) `datasets.DatasetDict` of preference pairs with `columns`.
+
+    Fails when there are fewer than 2 pairs or the fraction leaves no held-out (or no training) pair.
+    """
+    from datasets import Dataset
+
+    n_eval = round(len(rows) * eval_fraction)
+    if len(rows) < 2 or n_eval < 1 or n_eval >= len(rows):
+        raise RlhfError(f"{dataset.ref} has {len(rows)} pairs, which leaves {n_eval} held out at "
+                        f"train.eval_fraction={eval_fraction}; {stage} needs at least 2 pairs and at least one "
+                        "held-out pair (import more pairs or raise train.eval_fraction)")
+    return Dataset.from_list([{k: r[k] for k in columns} for r in rows]).train_test_split(test_size=n_eval, seed=seed)

@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import resource
 import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rlhf.artifacts import Artifact
 from rlhf.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 def run_id(config: dict[str, Any], inputs: list[Artifact]) -> str:
@@ -104,3 +109,44 @@ def save_logs(log_history: list[dict[str, Any]], out_dir: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_dir / "loss.png", dpi=100)
     plt.close(fig)
+
+
+@dataclass
+class TrainRun:
+    """What a finished `trainer.train()` leaves for the manifest."""
+
+    result: Any
+    wall_s: float
+    resumed_from: Path | None
+
+
+def train_resumable(trainer, scratch: Path) -> TrainRun:
+    """Train, continuing from the last complete checkpoint an identical killed run left in `scratch`."""
+    resume = last_complete_checkpoint(scratch) if scratch.exists() else None
+    if resume:
+        log.warning("resuming from %s", resume)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    return TrainRun(result, time.perf_counter() - start, resume)
+
+
+def run_metrics(trainer, run: TrainRun, precision: str) -> dict[str, Any]:
+    """Loss, throughput, memory and sizes every TRL-based stage records in its manifest."""
+    from rlhf.models import count_parameters
+
+    trainable, total = count_parameters(trainer.model)
+    # Real (non-padding) tokens this run trained on, counted by TRL per batch across processes.
+    tokens = trainer._total_train_tokens
+    return {
+        "train_loss": run.result.training_loss,
+        "steps": trainer.state.global_step,
+        "train_tokens": tokens,
+        "tokens_per_s": tokens / run.wall_s,
+        "wall_s": run.wall_s,
+        "peak_mem_mb": peak_memory_mb(),
+        "precision": precision,
+        "trainable_params": trainable,
+        "total_params": total,
+        "processes": trainer.accelerator.num_processes,
+        "resumed_from_step": int(run.resumed_from.name.split("-")[-1]) if run.resumed_from else None,
+    }

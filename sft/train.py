@@ -11,17 +11,13 @@ Loss is on the completion only. A killed run resumes from its last trainer check
 
 from __future__ import annotations
 
-import logging
 import shutil
-import time
 
 from rlhf import data as rdata
 from rlhf import models, training
 from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.config import SFTConfig, check_passthrough, dump
 from rlhf.errors import RlhfError
-
-log = logging.getLogger(__name__)
 
 
 def main(cfg: SFTConfig, store: ArtifactStore) -> Artifact | None:
@@ -66,19 +62,14 @@ def main(cfg: SFTConfig, store: ArtifactStore) -> Artifact | None:
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
                              processing_class=tokenizer, peft_config=peft_config)
     eval_loss_initial = trainer.evaluate()["eval_loss"]
-    resume = training.last_complete_checkpoint(scratch) if scratch.exists() else None
-    if resume:
-        log.warning("resuming from %s", resume)
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    wall = time.perf_counter() - start
+    run = training.train_resumable(trainer, scratch)
     final_eval = trainer.evaluate()
 
     # 5. Publish the artifact (main process only under `accelerate launch`).
     trainer.accelerator.wait_for_everyone()
     if not trainer.accelerator.is_main_process:
         return None
-    trainable, total = models.count_parameters(trainer.model)
+    metrics = training.run_metrics(trainer, run, precision)
     out_model = trainer.model
     if cfg.merge:
         out_model = out_model.merge_and_unload()
@@ -89,24 +80,13 @@ def main(cfg: SFTConfig, store: ArtifactStore) -> Artifact | None:
         w.add_input("model", base)
         w.add_input("data", dataset)
         w.metrics.update({
-            "train_loss": result.training_loss,
             "eval_loss_initial": eval_loss_initial,
             "eval_loss": final_eval["eval_loss"],
-            "steps": trainer.state.global_step,
             "train_rows": len(split["train"]),
             "eval_rows": len(split["test"]),
-            # Real (non-padding) tokens this process trained on, counted by TRL per batch.
-            "train_tokens": trainer._total_train_tokens,
-            "tokens_per_s": trainer._total_train_tokens / wall,
-            "wall_s": wall,
-            "peak_mem_mb": training.peak_memory_mb(),
-            "precision": precision,
             "mode": cfg.mode,
             "merged": cfg.merge,
-            "trainable_params": trainable,
-            "total_params": total,
-            "processes": trainer.accelerator.num_processes,
-            "resumed_from_step": int(resume.name.split("-")[-1]) if resume else None,
+            **metrics,
         })
     shutil.rmtree(scratch, ignore_errors=True)
     return w.result

@@ -103,7 +103,7 @@ def test_annotators_racing_for_one_item_never_overfill_it(store, tmp_path):
         start.wait()  # all ask at once
         try:
             got.append(next_item(store, user, name))
-        except Exception as e:  # surfaced below: a thread's exception would otherwise vanish
+        except Exception as e:  # noqa: BLE001 -- asserted below: a thread's exception would otherwise vanish
             errors.append(e)
 
     threads = [threading.Thread(target=race, args=(u,)) for u in users]

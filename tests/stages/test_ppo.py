@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import torch
 
 from conftest import DEMO_DATA, rlhf
 from ppo.ppo import train

@@ -6,8 +6,7 @@ import random
 
 import pytest
 
-from labeling_app.agreement import (agreement_with_consensus, krippendorff_alpha_ordinal, midranks,
-                                    pairwise_agreement)
+from labeling_app.agreement import agreement_with_consensus, krippendorff_alpha_ordinal, midranks, pairwise_agreement
 
 # One item, responses a b c, three annotators; Z ties a and b.
 X = [["a"], ["b"], ["c"]]

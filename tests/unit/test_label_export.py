@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 
 import pytest
 
@@ -98,7 +97,7 @@ def labeled(store, arts):
 
 
 def test_export_writes_preferences_and_raw_rankings_with_counts(store, arts, labeled):
-    ref, name = labeled
+    _, name = labeled
     preferences, rankings = export(arts, store)
     m = preferences.manifest["metrics"]
     # p0 (alice, bob usable): r0>r1 2-0, r0>r2 2-0, r1 vs r2 split 1-1 (tie).

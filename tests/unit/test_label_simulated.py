@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from labeling_app.labels import agreement_report, label_records, load_ab_task_set, load_task_set
-from labeling_app.simulated import (calibrate_temperature, expected_agreement, plackett_luce, run_annotators)
+from labeling_app.simulated import calibrate_temperature, expected_agreement, plackett_luce, run_annotators
 from labeling_app.store import LabelStore
 from rlhf import data
 from rlhf.artifacts import ArtifactStore
@@ -90,30 +90,31 @@ def test_calibration_refuses_targets_it_cannot_reach():
 
 def test_simulated_annotators_label_everything_through_the_store_at_73_percent_agreement(arts, tmp_path):
     store = new_store(tmp_path)
-    name = load_task_set(store, arts, publish(arts, synthetic_rows(300)), overlap=2).task_set.name
+    name = load_task_set(store, arts, publish(arts, synthetic_rows(150)), overlap=2).task_set.name
     result = run_annotators(store, ["sim-1", "sim-2"], name, seed=0, score_fn=score_from_text)
-    assert len(result.submitted) == 600 and len(result.submit_seconds) == 600
+    assert len(result.submitted) == 300 and len(result.submit_seconds) == 300
     records = label_records(store, name)
     assert Counter(r.item_id for r in records) == Counter({i.id: 2 for i in store.items(name)})
-    # The agreement the store's own admin report measures, not only the calibration's.
+    # The agreement the store's own admin report measures, not only the calibration's
+    # (150 items x 6 pairs = 900 comparisons; across seeds it lands within about 0.02).
     assert abs(agreement_report(store, name).pairwise.rate - 0.73) <= 0.04
     assert run_annotators(store, ["sim-1", "sim-2"], name, seed=0, score_fn=score_from_text).submitted == []
     store.close()
 
 
 def test_a_seed_gives_the_same_labels(arts, tmp_path):
-    ref = publish(arts, synthetic_rows(20))
+    ref = publish(arts, synthetic_rows(10))
 
     def labels(db: str, seed: int):
         store = new_store(tmp_path, db)
-        name = load_task_set(store, arts, ref, overlap=3).task_set.name
-        run_annotators(store, ["a", "b", "c", "d"], name, seed=seed, score_fn=score_from_text)
+        name = load_task_set(store, arts, ref, overlap=2).task_set.name
+        run_annotators(store, ["a", "b", "c"], name, seed=seed, score_fn=score_from_text)
         out = {(r.annotator, r.prompt_id): (r.ranking, r.shown_order) for r in label_records(store, name)}
         store.close()
         return out
 
     first = labels("one.db", seed=7)
-    assert len(first) == 60 and first == labels("two.db", seed=7)
+    assert len(first) == 20 and first == labels("two.db", seed=7)
     assert first != labels("three.db", seed=8)
 
 
@@ -134,8 +135,8 @@ def test_simulated_annotators_vote_in_ab_mode(arts, tmp_path):
 
 def test_the_default_scorer_is_the_demo_gold_scorer(arts, tmp_path):
     prompt = [{"role": "user", "content": "My lamp arrived with a cracked base. What now?"}]
-    replies = ["Sorry about the cracked lamp base! Reply with your order number and a photo and we will send "
-               "a replacement.", "Not my problem.", "Our sofas come in six colours.",
+    replies = [("Sorry about the cracked lamp base! Reply with your order number and a photo and we will send "
+                "a replacement."), "Not my problem.", "Our sofas come in six colours.",
                "I'm sorry to hear that. Please send a photo of the lamp base and we'll replace it."]
     rows = [{"prompt_id": f"p{i}", "prompt": prompt,
              "responses": [{"response_id": f"r{j}", "text": t, "model": "m"} for j, t in enumerate(replies)]}

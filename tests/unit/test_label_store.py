@@ -11,7 +11,6 @@ import os
 import sqlite3
 import uuid
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -130,9 +129,12 @@ def test_workspace_url_comes_from_the_argument_then_the_environment_then_the_wor
     store.close()
 
 
-def test_an_unreachable_database_is_one_clear_error():
-    with pytest.raises(RlhfError, match="cannot open the labels database"):
+def test_a_bad_or_unreachable_database_is_one_clear_error():
+    with pytest.raises(RlhfError, match="cannot open the labels database") as info:
         LabelStore("postgresql+psycopg2://nobody:secret@127.0.0.1:1/none")
+    assert "secret" not in str(info.value)
+    with pytest.raises(RlhfError, match="not a usable database URL"):
+        LabelStore("labels.db")
 
 
 # -- users and login ----------------------------------------------------------------------------
@@ -185,7 +187,7 @@ def test_lockout_backoff_is_capped_and_old_failures_are_forgotten(store):
     assert auth.lockout_for(auth.FREE_FAILURES - 1) == dt.timedelta(0)
     assert auth.lockout_for(auth.FREE_FAILURES + 2) == 4 * auth.BASE_LOCKOUT
     assert auth.lockout_for(100) == auth.MAX_LOCKOUT
-    _, token = auth.add_user(store, "alice")
+    auth.add_user(store, "alice")
     for _ in range(auth.FREE_FAILURES):
         auth.authenticate(store, "guess", "ip-1", now=T0)
     later = T0 + auth.FORGET_AFTER + dt.timedelta(seconds=1)
@@ -226,7 +228,7 @@ def test_loading_refuses_what_is_not_a_candidates_dataset(store, arts):
 
 
 def test_a_refresh_returns_the_same_item_in_the_same_order(store, ts):
-    alice, bob = users(store, "alice", "bob")
+    alice, = users(store, "alice")
     item, a = next_item(store, alice, ts, now=T0)
     again, b = next_item(store, alice, ts, now=T0 + dt.timedelta(seconds=60))
     assert (again.id, b.id, b.shown_order) == (item.id, a.id, a.shown_order)
