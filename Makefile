@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup browser demo test clean
 
 setup: $(STAMP)
 
@@ -21,8 +21,21 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/rlhf demo
 
+# Debian's Chromium, for the real-browser test (tests/app/test_browser.py). Installing it
+# needs root; without root, or if the install fails, this only warns and the test skips
+# (under CI=true it fails), so `make test` itself never breaks here.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" -eq 0 ]; then \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+		|| echo "warning: could not install chromium; the browser test will be skipped" >&2; \
+	else \
+		echo "note: chromium is missing and installing it needs root (apt-get install -y chromium);" \
+		     "the browser test will be skipped" >&2; \
+	fi
+
 # pytest exits 5 when it collects no tests: that is a broken suite, not a pass.
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; fi; exit $$rc
 

@@ -4,6 +4,7 @@
     rlhf label load candidates:v3 [--overlap 3] [--name NAME]
     rlhf label load-ab candidates:v4 candidates:v5 [--name NAME] [--overlap 1]
     rlhf label status
+    rlhf label serve [--port 8501]                        # the Streamlit app, on http://localhost:8501
     rlhf label export [--pairs all|best-vs-rest] [--min-annotators N] [--task-set NAME]
 
 Each takes `--db URL` (default: $RLHF_LABEL_DB, else sqlite:///<workspace>/labels.db).
@@ -25,6 +26,13 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {value}")
     return value
 
 
@@ -58,6 +66,9 @@ def add_label_parser(subparsers: argparse._SubParsersAction, common_parent: argp
 
     actions.add_parser("status", parents=parents, help="progress per task set and annotator, and agreement")
 
+    serve = actions.add_parser("serve", parents=parents, help="start the Streamlit labeling app")
+    serve.add_argument("--port", type=_port, default=8501, help="port to listen on (default 8501)")
+
     export = actions.add_parser("export", parents=parents,
                                 help="write preferences + rankings (or ab_votes for an A/B task set)")
     export.add_argument("--pairs", choices=("all", "best-vs-rest"), default="all")
@@ -78,6 +89,8 @@ def run_label(args: argparse.Namespace, artifact_store) -> int:
             return _load(store, artifact_store, args)
         if args.label_action == "export":
             return _export(store, artifact_store, args)
+        if args.label_action == "serve":
+            return _serve(store, artifact_store, args)
         return _status(store)
     finally:
         store.close()
@@ -156,3 +169,39 @@ def _status(store) -> int:
         print(f"  {a.name:24s} {a.role:9s} done {a.done:4d}  leased {a.leased:2d}  skipped {a.skipped:3d}  "
               f"flagged {a.flagged:3d}")
     return 0
+
+
+def _serve(store, artifact_store, args: argparse.Namespace) -> int:
+    """Run `streamlit run labeling_app/app.py` on this workspace and database until it exits."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    from pathlib import Path
+
+    from labeling_app.sessions import ensure_schema
+
+    ensure_schema(store)  # LabelStore created the rest; the app finds the schema ready
+    app = Path(__file__).with_name("app.py")
+    env = {**os.environ, "RLHF_WORKSPACE": str(artifact_store.root), "RLHF_LABEL_DB": store.url}
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
+           "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--client.toolbarMode", "minimal"]  # annotators need no Deploy button or developer menu
+    print(f"labeling app for {store.safe_url} on http://localhost:{args.port} (Ctrl+C stops it)", flush=True)
+    proc = subprocess.Popen(cmd, env=env)
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        # A plain `kill` of this process must not leave the server running without it.
+        previous = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # Streamlit got the same Ctrl+C from the terminal and is stopping
+        try:
+            return proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)

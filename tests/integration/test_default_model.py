@@ -58,13 +58,15 @@ def test_sft_three_steps_makes_a_loadable_checkpoint_that_chats(real_ws, capsys)
     assert "lineage" not in capsys.readouterr().err
 
 
-def test_quick_demo_runs_end_to_end(tmp_path, capsys):
+def test_quick_demo_runs_end_to_end_and_the_policy_traces_back_to_every_input(tmp_path, capsys):
     ws = tmp_path / "ws"
     assert rlhf(ws, "demo", "--quick") == 0
     out = capsys.readouterr().out
-    assert "stage timings:" in out and "user:" in out
-    lineage = ArtifactStore(ws).lineage("checkpoints/sft:latest")
-    assert "checkpoints/base:v1" in lineage and "datasets/sft:v1" in lineage and ".gguf" in lineage
+    assert "stage timings:" in out and "held-out reward-model score" in out
+    lineage = ArtifactStore(ws).lineage("checkpoints/ppo:latest")
+    for parent in ("checkpoints/base:v1", "datasets/sft:v1", "checkpoints/sft:v1", "datasets/candidates:v1",
+                   "datasets/rankings:v1", "datasets/preferences:v1", "checkpoints/reward:v1", ".gguf"):
+        assert parent in lineage, parent
 
 
 def test_reward_on_real_hh_rows_then_score_normalises_to_zero_mean(real_ws, tmp_path):

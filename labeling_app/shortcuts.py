@@ -1,0 +1,93 @@
+"""Keyboard shortcuts for the labeling pages.
+
+Streamlit cannot bind keys, so a tiny script in a zero-height same-origin iframe listens
+on the page's document and clicks the page's own widgets, found by the `st-key-<key>`
+class Streamlit puts on every keyed element. Everything the script needs is passed in as
+JSON; no page data goes into it.
+
+Ranking: digits 1-9 give the highlighted response that rank and move the highlight to the
+next response; letters a-z move the highlight to that response; Ctrl+Enter (or Cmd+Enter)
+clicks the page's submit button. Single keys are ignored while the annotator is typing
+in a text field, so a rationale can contain digits.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+import streamlit as st
+
+RANKING_HELP = ("Keyboard: press 1–{k} to give the highlighted response that rank (it then moves to the next); "
+                "press a letter (A–{last}) to highlight that response; Ctrl+Enter submits. "
+                "Equal numbers mean a tie; 1 is best.")
+AB_HELP = "Keyboard: A = A is better, B = B is better, T = tie, X = both bad, S = skip."
+
+_SCRIPT = """<script>
+(() => {
+  const cfg = %s;
+  const win = window.parent, doc = win.document;
+  if (win.__rlhfKeys) doc.removeEventListener("keydown", win.__rlhfKeys, true);
+  const box = (key) => doc.querySelector(".st-key-" + key);
+  const click = (key) => { const b = box(key); const btn = b && b.querySelector("button"); if (btn) btn.click(); };
+  let current = 0;
+  const highlight = () => cfg.responses.forEach((key, i) => {
+    const b = box(key);
+    if (b) b.style.outline = i === current ? "3px solid #ff4b4b" : "";
+  });
+  const setRank = (i, n) => {
+    const b = box(cfg.radios[i]);
+    if (!b) return false;
+    const option = Array.from(b.querySelectorAll("label")).find((l) => l.innerText.trim() === String(n));
+    if (option) option.click();
+    return !!option;
+  };
+  const typing = (t) => t && (t.tagName === "TEXTAREA" || t.isContentEditable ||
+                              (t.tagName === "INPUT" && t.type !== "radio" && t.type !== "checkbox"));
+  const onKey = (e) => {
+    // A page switch can drop the iframe while the listener lives on; it then removes itself.
+    if (!window.frameElement || !window.frameElement.isConnected) {
+      doc.removeEventListener("keydown", onKey, true);
+      return;
+    }
+    if ((e.ctrlKey || e.metaKey) && e.key === "Enter" && cfg.submit) {
+      e.preventDefault();
+      // Blur first so a text field's pending value is sent before the click.
+      if (doc.activeElement && doc.activeElement.blur) doc.activeElement.blur();
+      setTimeout(() => click(cfg.submit), 150);
+      return;
+    }
+    if (e.ctrlKey || e.metaKey || e.altKey || typing(e.target)) return;
+    const key = e.key.toLowerCase();
+    const n = cfg.radios.length;
+    if (n && /^[1-9]$/.test(key) && Number(key) <= n) {
+      e.preventDefault();
+      if (setRank(current, Number(key))) { current = Math.min(current + 1, n - 1); highlight(); }
+    } else if (n && key.length === 1 && key >= "a" && key.charCodeAt(0) - 97 < n) {
+      e.preventDefault();
+      current = key.charCodeAt(0) - 97;
+      highlight();
+    } else if (cfg.keys[key]) {
+      e.preventDefault();
+      click(cfg.keys[key]);
+    }
+  };
+  win.__rlhfKeys = onKey;
+  doc.addEventListener("keydown", onKey, true);
+  highlight();
+})();
+</script>"""
+
+
+def install(responses: Sequence[str] = (), radios: Sequence[str] = (), submit: str | None = None,
+            keys: dict[str, str] | None = None) -> None:
+    """Bind the page's shortcuts.
+
+    responses: keys of the containers to highlight, one per response in shown order;
+    radios: keys of the rank radios, same order; submit: key of the button Ctrl+Enter
+    clicks; keys: single key -> key of a button it clicks (only used where no radios are).
+    """
+    cfg = {"responses": list(responses), "radios": list(radios), "submit": submit, "keys": keys or {}}
+    # Escaping "</" means no value can close the script tag early (they are the pages' own
+    # widget keys anyway).
+    st.iframe(_SCRIPT % json.dumps(cfg).replace("</", "<\\/"), height=1, tab_index=-1, alt="keyboard shortcuts")

@@ -1,0 +1,211 @@
+"""The labeling app in a real browser: Debian's Chromium, driven by Playwright, against `rlhf label serve`.
+
+One test walks the human-feedback loop as an annotator would: log in with a token, rank
+four responses with the keyboard shortcuts (a tie included), submit with Ctrl+Enter, see
+"Saved", reload, find the label still there, then `rlhf label export` and check the
+preference rows. It also takes the README's screenshot of the ranking page.
+
+Chromium comes from Debian (`apt-get install chromium`; `make test` and `.ci/run`
+install it as root). Without it the test is skipped, except under CI=true, where it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from labeling_app import auth
+from labeling_app.labels import label_of, load_task_set
+from labeling_app.store import Assignment, LabelStore
+from rlhf import data
+from rlhf.artifacts import ArtifactStore
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# The README's screenshot is refreshed only on request, so a test run leaves the tree unchanged:
+#   RLHF_UPDATE_SCREENSHOTS=1 make test
+DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "ranking_page.png"
+CONVERSATION = [
+    {"role": "system", "content": "You are a helpful support agent for a bike shop."},
+    {"role": "user", "content": "My order #1042 has not arrived."},
+    {"role": "assistant", "content": "Sorry to hear that! When did you place it?"},
+    {"role": "user", "content": "Two weeks ago. Can you check where it is?"},
+]
+RESPONSES = [
+    "I checked: order #1042 left our warehouse on Monday and should reach you by Friday. "
+    "Here is the tracking link so you can follow it.",
+    "Orders take time.",
+    "I'm sorry for the wait. I can't see the parcel's location yet, but I've asked the courier "
+    "and will email you within a day.",
+    "Please contact the courier yourself.",
+]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def chromium() -> Path:
+    """Debian's Chromium, checked before anything is set up or served."""
+    if CHROMIUM.exists():
+        return CHROMIUM
+    reason = f"{CHROMIUM} not found; install Debian's Chromium with `apt-get install -y chromium` (as root)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason}; CI must install it (.ci/run does)")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rlhf_command(*args: str) -> list[str]:
+    script = Path(sys.executable).with_name("rlhf")
+    return [str(script), *args] if script.exists() else [sys.executable, "-m", "rlhf.cli", *args]
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, log: Path, timeout: float = 45) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"`rlhf label serve` exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=1) as r:
+                if r.read() == b"ok":
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"`rlhf label serve` was not healthy within {timeout} s:\n{log.read_text()}")
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    """A workspace with 2 items x 4 responses (overlap 1) and annotator alice; yields (ws, db url, token)."""
+    ws, db = tmp_path / "ws", f"sqlite:///{tmp_path / 'labels.db'}"
+    arts = ArtifactStore(ws)
+    rows = [{"prompt_id": f"support-{i}", "prompt": CONVERSATION,
+             "responses": [{"response_id": f"r{j}", "text": text, "model": "checkpoints/sft:v1"}
+                           for j, text in enumerate(RESPONSES)]} for i in range(2)]
+    with arts.create("dataset", "candidates", stage="generate", config={"schema": "candidates"}) as w:
+        data.write_rows(w.path / data.DATA_FILE, rows)
+    store = LabelStore(db)
+    load_task_set(store, arts, w.result.ref, overlap=1)
+    _, token = auth.add_user(store, "alice")
+    store.close()
+    return ws, db, token
+
+
+@pytest.fixture
+def server(chromium, workspace, tmp_path):
+    """`rlhf label serve` on a free port; yields its URL. Stopped with SIGTERM, which serve passes on."""
+    ws, db, _ = workspace
+    port, log = free_port(), tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(rlhf_command("--workspace", str(ws), "label", "serve", "--db", db, "--port", str(port)),
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(proc, port, log)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_idle(page) -> None:
+    """Wait until the app has finished its script run (the state Streamlit marks on its root element)."""
+    page.wait_for_timeout(100)  # a rerun that the last input asked for may not have started yet
+    page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]').wait_for()
+
+
+def screenshot(page, path: Path) -> None:
+    """The whole ranking page. Streamlit scrolls inside its main pane, not the document, so the
+    window is made as tall as that pane's content instead of using `full_page`."""
+    wait_idle(page)
+    height = page.evaluate("document.querySelector('[data-testid=\"stMain\"]').scrollHeight")
+    page.set_viewport_size({"width": 1100, "height": min(int(height), 4000)})
+    wait_idle(page)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(path))
+    page.set_viewport_size({"width": 1100, "height": 1000})
+
+
+def test_log_in_rank_submit_reload_and_export_in_chromium(chromium, workspace, server):
+    from playwright.sync_api import expect, sync_playwright
+
+    ws, db, token = workspace
+    store = LabelStore(db)
+    alice = store.user("alice")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 1000})
+            page.set_default_timeout(20_000)
+            page.goto(server)
+            page.get_by_label("Login token", exact=True).fill(token)
+            page.get_by_role("button", name="Log in").click()
+            expect(page.get_by_role("heading", name="Rank the responses")).to_be_visible()
+            wait_idle(page)  # the run that leases the first item has committed
+            assert "s=" in page.url and token not in page.url
+
+            with store.session() as s:
+                assignment = s.scalar(select(Assignment).where(Assignment.user_id == alice.id))
+            item = store.item(assignment.item_id)
+            prefix = f"item{item.id}"
+            # The shortcut script marks the highlighted response once it is listening.
+            expect(page.locator(f".st-key-{prefix}_resp_0")).to_have_css("outline-style", "solid")
+            wait_idle(page)
+
+            # Keyboard: each digit ranks the highlighted response and moves on. A=2, B=1, C=2, D=3.
+            for i, digit in enumerate("2123"):
+                page.keyboard.press(digit)
+                expect(page.locator(f".st-key-{prefix}_rank_{i}").get_by_role("radio", name=digit)).to_be_checked()
+            page.get_by_label("Rationale (optional)", exact=True).fill("B answers the question; A and C are equally fine.")
+            page.get_by_label("Rationale (optional)", exact=True).blur()
+            shot = DOCS_SCREENSHOT if os.environ.get("RLHF_UPDATE_SCREENSHOTS") else workspace / "ranking_page.png"
+            screenshot(page, shot)
+            assert shot.stat().st_size > 10_000  # a rendered page, not a blank image
+
+            page.get_by_label("Rationale (optional)", exact=True).focus()
+            page.keyboard.press("Control+Enter")
+            expect(page.get_by_text("Saved. Your ranking: B > A = C > D")).to_be_visible()
+            assert label_of(store, alice, item.id) is not None  # "Saved" came after the commit
+
+            page.reload()
+            expect(page.get_by_role("heading", name="Rank the responses")).to_be_visible()
+            expect(page.get_by_text("1 / 2 done")).to_be_visible()
+            last = page.locator(".st-key-last_submission")
+            expect(last.get_by_text("Ranking: B > A = C > D")).to_be_visible()
+            expect(last.get_by_text("B answers the question; A and C are equally fine.")).to_be_visible()
+        finally:
+            browser.close()
+
+    shown = list(assignment.shown_order)  # letter i is shown[i]
+    a, b, c, d = shown
+    label = label_of(store, alice, item.id)
+    assert label.ranking == [[b], sorted([a, c]), [d]] and label.shown_order == shown
+    store.close()
+
+    done = subprocess.run(rlhf_command("--workspace", str(ws), "label", "export", "--db", db),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    preferences = data.load_rows(ArtifactStore(ws).resolve("preferences:latest", kind="dataset"))
+    text = {f"r{j}": t for j, t in enumerate(RESPONSES)}
+    got = {(row["chosen"][0]["content"], row["rejected"][0]["content"]) for row in preferences}
+    # B beats everyone, A and C tie (no pair) and both beat D.
+    assert got == {(text[b], text[a]), (text[b], text[c]), (text[b], text[d]), (text[a], text[d]), (text[c], text[d])}
+    assert all(row["prompt"] == CONVERSATION and row["margin"] == 1.0 for row in preferences)
