@@ -161,6 +161,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     # bitsandbytes warns on every CPU import that its optional 4-bit CPU kernels are absent.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # transformers reports the reward model's new `score` head as "missing" on every load: expected here.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def main(argv: list[str] | None = None) -> int:
