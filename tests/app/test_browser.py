@@ -176,7 +176,7 @@ def test_log_in_rank_submit_reload_and_export_in_chromium(chromium, workspace, s
                 expect(page.locator(f".st-key-{prefix}_rank_{i}").get_by_role("radio", name=digit)).to_be_checked()
             page.get_by_label("Rationale (optional)", exact=True).fill("B answers the question; A and C are equally fine.")
             page.get_by_label("Rationale (optional)", exact=True).blur()
-            shot = DOCS_SCREENSHOT if os.environ.get("RLHF_UPDATE_SCREENSHOTS") else workspace / "ranking_page.png"
+            shot = DOCS_SCREENSHOT if os.environ.get("RLHF_UPDATE_SCREENSHOTS") else workspace[0] / "ranking_page.png"
             screenshot(page, shot)
             assert shot.stat().st_size > 10_000  # a rendered page, not a blank image
 
