@@ -19,7 +19,7 @@ from ppo.rollout import encode_prompts, forward_response, sample
 from rlhf import data as rdata
 from rlhf import models, training
 from rlhf.artifacts import Artifact, ArtifactStore
-from rlhf.config import DPOConfig, check_passthrough, dump
+from rlhf.config import DPOConfig, dump
 from rlhf.errors import RlhfError
 
 
@@ -28,17 +28,11 @@ def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
     from peft import LoraConfig
 
     # 1. Check everything that can fail before any work is done.
-    check_passthrough("trl", cfg.trl, trl.DPOConfig)
     loss_type = [cfg.loss_type] if isinstance(cfg.loss_type, str) else cfg.loss_type
     known = trl_loss_types()
     if known and (unknown := [t for t in loss_type if t not in known]):
         raise RlhfError(f"config: loss_type {unknown[0]!r} is not a TRL DPO loss; choose from {', '.join(sorted(known))}")
-    models.check_mode(cfg.mode)
-    precision = models.resolve_precision(cfg.train.precision)
-    store.check_writable()
-    init = store.resolve(cfg.model, kind="checkpoint")
-    dataset = store.resolve(cfg.data, kind="dataset")
-    rows = rdata.load_rows(dataset, schema="preferences")
+    precision, init, dataset, rows = training.check_inputs(cfg, store, trl.DPOConfig, schema="preferences")
 
     # 2. Held-out split, the same for the same seed.
     split = rdata.split_pairs(dataset, rows, cfg.train.eval_fraction, cfg.train.seed,

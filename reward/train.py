@@ -21,7 +21,7 @@ from reward.loss import expected_calibration_error, preference_probability, rewa
 from rlhf import data as rdata
 from rlhf import models, training
 from rlhf.artifacts import Artifact, ArtifactStore
-from rlhf.config import RewardConfig, check_passthrough, dump
+from rlhf.config import RewardConfig, dump
 from rlhf.judges import raw_rewards
 
 
@@ -57,13 +57,7 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
     import trl
 
     # 1. Check everything that can fail before any work is done.
-    check_passthrough("trl", cfg.trl, trl.RewardConfig)
-    models.check_mode(cfg.mode)
-    precision = models.resolve_precision(cfg.train.precision)
-    store.check_writable()
-    init = store.resolve(cfg.model, kind="checkpoint")
-    dataset = store.resolve(cfg.data, kind="dataset")
-    rows = rdata.load_rows(dataset, schema="preferences")
+    precision, init, dataset, rows = training.check_inputs(cfg, store, trl.RewardConfig, schema="preferences")
 
     # 2. A held-out split the model never trains on, the same for the same seed.
     use_margin = cfg.use_margin and all(r["margin"] is not None for r in rows)
@@ -138,7 +132,7 @@ def evaluate(model, tokenizer, split, cfg: RewardConfig) -> dict:
     ci = stats.bootstrap((correct,), np.mean, confidence_level=0.95, n_resamples=cfg.bootstrap_samples,
                          method="percentile", random_state=cfg.train.seed).confidence_interval
     probs = preference_probability(r_c, r_r)
-    _, loss_stats = reward_loss(r_c, r_r)
+    eval_loss, loss_stats = reward_loss(r_c, r_r)
     # Normalisation over training responses (chosen and rejected), so 0 = an average response.
     # A seeded sample keeps this cheap on large sets; its mean and std estimate the full set's.
     responses = _conversations(train, "chosen") + _conversations(train, "rejected")
@@ -150,7 +144,7 @@ def evaluate(model, tokenizer, split, cfg: RewardConfig) -> dict:
         "eval_accuracy_ci95": [float(ci.low), float(ci.high)] if not np.isnan(ci.low) else [float(correct.mean())] * 2,
         "eval_ece": float(expected_calibration_error(probs)),
         "eval_mean_margin": float(loss_stats["margin"]),
-        "eval_loss": float(reward_loss(r_c, r_r)[0]),
+        "eval_loss": float(eval_loss),
         "normalization": {"mean": float(train_rewards.mean()), "std": float(train_rewards.std().clamp(min=1e-6))},
         "_margins": (r_c - r_r).tolist(),
     }

@@ -150,3 +150,21 @@ def run_metrics(trainer, run: TrainRun, precision: str) -> dict[str, Any]:
         "processes": trainer.accelerator.num_processes,
         "resumed_from_step": int(run.resumed_from.name.split("-")[-1]) if run.resumed_from else None,
     }
+
+
+def check_inputs(cfg, store, library_config: type, schema: str):
+    """Everything a TRL stage can fail on before any work: pass-through keys, mode, precision,
+    a writable workspace, the refs and the dataset's schema.
+
+    Returns (precision, model artifact, data artifact, rows).
+    """
+    from rlhf import data, models
+    from rlhf.config import check_passthrough
+
+    check_passthrough("trl", cfg.trl, library_config)
+    models.check_mode(cfg.mode)
+    precision = models.resolve_precision(cfg.train.precision)
+    store.check_writable()
+    model = store.resolve(cfg.model, kind="checkpoint")
+    dataset = store.resolve(cfg.data, kind="dataset")
+    return precision, model, dataset, data.load_rows(dataset, schema=schema)

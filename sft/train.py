@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import shutil
 
-from rlhf import data as rdata
 from rlhf import models, training
 from rlhf.artifacts import Artifact, ArtifactStore
-from rlhf.config import SFTConfig, check_passthrough, dump
+from rlhf.config import SFTConfig, dump
 from rlhf.errors import RlhfError
 
 
@@ -25,13 +24,7 @@ def main(cfg: SFTConfig, store: ArtifactStore) -> Artifact | None:
     from datasets import Dataset
 
     # 1. Check everything that can fail before any work is done.
-    check_passthrough("trl", cfg.trl, trl.SFTConfig)
-    models.check_mode(cfg.mode)
-    precision = models.resolve_precision(cfg.train.precision)
-    store.check_writable()
-    base = store.resolve(cfg.model, kind="checkpoint")
-    dataset = store.resolve(cfg.data, kind="dataset")
-    rows = rdata.load_rows(dataset, schema="sft")
+    precision, base, dataset, rows = training.check_inputs(cfg, store, trl.SFTConfig, schema="sft")
     if len(rows) < 2:
         raise RlhfError(f"{dataset.ref} has {len(rows)} row(s); SFT needs at least 2 (one to train, one to evaluate)")
 
