@@ -6,8 +6,8 @@ Every run starts here: it finds the signed-in user (from session state, or after
 from the session id in the URL) and shows the login form to anyone else. Only then does
 it run the page the URL asks for, from `views/`. (Not `pages/`: Streamlit runs scripts in
 a folder of that name on their own, without this entry point, which would skip the login.)
-The Admin page is registered for everyone so that its URL answers an annotator with
-"admins only"; the sidebar links to it for admins only.
+The Admin and Dashboard pages are registered for everyone so that their URLs answer an
+annotator with "admins only"; the sidebar links to them for admins only.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ rank_page = st.Page("views/rank.py", title="Rank responses", icon=":material/for
                     url_path="rank", default=True)
 ab_page = st.Page("views/ab.py", title="Blind A/B", icon=":material/compare:", url_path="ab")
 admin_page = st.Page("views/admin.py", title="Admin", icon=":material/monitoring:", url_path="admin")
-page = st.navigation([rank_page, ab_page, admin_page], position="hidden")
+dashboard_page = st.Page("views/dashboard.py", title="Dashboard", icon=":material/insights:", url_path="dashboard")
+page = st.navigation([rank_page, ab_page, admin_page, dashboard_page], position="hidden")
 
 user = ui.signed_in_user(store)
 if user is None:
@@ -33,7 +34,7 @@ if user is None:
 with st.sidebar:
     st.markdown(f"Signed in as **{ui.md_escape(user.name)}** ({user.role})")
     keep = {ui.SESSION_PARAM: st.session_state.sid}
-    for linked in (rank_page, ab_page) + ((admin_page,) if user.is_admin else ()):
+    for linked in (rank_page, ab_page) + ((admin_page, dashboard_page) if user.is_admin else ()):
         st.page_link(linked, query_params=keep)
     st.caption("This page's address keeps you signed in: do not share it, and log out when you are done.")
     if st.button("Log out", key="logout"):

@@ -20,6 +20,7 @@ import streamlit as st
 from labeling_app import auth, sessions
 from labeling_app.labels import Progress, Ranking, progress
 from labeling_app.store import LabelStore, TaskSet, User, utcnow
+from rlhf.artifacts import ArtifactStore
 from rlhf.errors import RlhfError
 
 SESSION_PARAM = "s"  # the URL query parameter holding the session id (see sessions.py)
@@ -36,6 +37,16 @@ def _open_store(workspace: str, url: str | None) -> LabelStore:
 def store() -> LabelStore:
     """The labels store named by $RLHF_WORKSPACE / $RLHF_LABEL_DB (set by `rlhf label serve`), one per process."""
     return _open_store(os.environ.get("RLHF_WORKSPACE", "workspace"), os.environ.get("RLHF_LABEL_DB") or None)
+
+
+@st.cache_resource(show_spinner=False)
+def _open_artifacts(workspace: str) -> ArtifactStore:
+    return ArtifactStore(workspace)
+
+
+def artifact_store() -> ArtifactStore:
+    """The artifact store of the same workspace as `store()` ($RLHF_WORKSPACE), one per process."""
+    return _open_artifacts(os.environ.get("RLHF_WORKSPACE", "workspace"))
 
 
 def md_escape(text: str) -> str:

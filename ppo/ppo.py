@@ -98,7 +98,7 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: ScoreFn, reward_artifa
     value_head = nn.Linear(base.config.hidden_size, 1)
     with torch.no_grad():
         value_head.weight.zero_(), value_head.bias.zero_()
-        if reward_head is not None and reward_head[0].shape == value_head.weight.shape:
+        if hp.value_init == "reward" and reward_head is not None and reward_head[0].shape == value_head.weight.shape:
             value_head.weight.copy_(reward_head[0]), value_head.bias.copy_(reward_head[1])
     model = ActorCritic(policy, value_head, hp.temperature)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.learning_rate,

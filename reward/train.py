@@ -20,6 +20,7 @@ import torch
 from reward.loss import expected_calibration_error, preference_probability, reward_loss
 from rlhf import data as rdata
 from rlhf import models, training
+from rlhf.errors import RlhfError
 from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.config import RewardConfig, dump
 from rlhf.judges import raw_rewards
@@ -85,6 +86,9 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
     trainer = _trainer_class()(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
                                processing_class=tokenizer, peft_config=peft_config, center_coef=cfg.center_coef)
     too_long = len(split["train"]) - len(trainer.train_dataset)
+    if len(trainer.train_dataset) == 0:
+        raise RlhfError(f"all {too_long} training pairs of {dataset.ref} are longer than max_length="
+                        f"{cfg.max_length} tokens; raise max_length")
     run = training.train_resumable(trainer, scratch)
 
     trainer.accelerator.wait_for_everyone()
@@ -92,8 +96,8 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
         return None
 
     # 5. Held-out evaluation and normalisation statistics, from text like every later scorer.
+    run_metrics = training.run_metrics(trainer, run, precision)  # before the merge folds the adapter away
     out_model = trainer.model.merge_and_unload() if peft_config else trainer.model
-    run_metrics = training.run_metrics(trainer, run, precision)
     metrics = evaluate(out_model, tokenizer, split, cfg)
     with store.create("checkpoint", cfg.output, stage="reward", config=config) as w:
         # Saved merged, so scoring loads one standalone classifier (no adapter chain to follow).

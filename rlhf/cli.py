@@ -9,6 +9,7 @@
     rlhf score reward=reward:latest data=candidates:latest
     rlhf dpo [--config configs/dpo.yaml] model=sft:latest data=preferences:latest
     rlhf ppo [--config configs/ppo.yaml] model=sft:latest reward=reward:latest data=prompts:latest
+    rlhf compare sft:latest dpo:latest ppo:latest data=heldout:latest judge=gold,reward:latest
     rlhf label users add NAME | load candidates:vK | load-ab A B | serve | export | status
     rlhf artifacts list | show REF | lineage REF | verify REF
     rlhf demo [--quick]
@@ -28,7 +29,7 @@ import warnings
 from typing import Callable
 
 from rlhf.artifacts import ArtifactStore
-from rlhf.config import (DPOConfig, GenerateConfig, PPOConfig, RewardConfig, ScoreConfig, SFTConfig,
+from rlhf.config import (CompareConfig, DPOConfig, GenerateConfig, PPOConfig, RewardConfig, ScoreConfig, SFTConfig,
                          load_config)
 from rlhf.errors import RlhfError
 
@@ -40,6 +41,7 @@ STAGES: dict[str, tuple[type, str]] = {
     "score": (ScoreConfig, "reward.score:main"),
     "dpo": (DPOConfig, "ppo.dpo:main"),
     "ppo": (PPOConfig, "ppo.ppo:main"),
+    "compare": (CompareConfig, "rlhf.compare:main"),
 }
 
 
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     for stage, (cls, _) in STAGES.items():
         sp = sub.add_parser(stage, parents=[common], help=f"run the {stage} stage")
         sp.add_argument("--config", help=f"YAML config (see configs/{stage}.yaml)")
-        sp.add_argument("overrides", nargs="*", metavar="key=value")
+        sp.add_argument("overrides", nargs="*", metavar="REF" if stage == "compare" else "key=value")
 
     art = sub.add_parser("artifacts", parents=[common], help="inspect the artifact store")
     art_sub = art.add_subparsers(dest="action", required=True)
@@ -114,7 +116,11 @@ def run(args: argparse.Namespace) -> int:
         for reason, n in m["filter_reasons"].items():
             print(f"  filtered out {n}: {reason}")
     elif args.command in STAGES:
-        cfg = load_config(STAGES[args.command][0], args.config, args.overrides)
+        overrides = args.overrides
+        if args.command == "compare":  # bare words are the models to compare
+            models = [o for o in overrides if "=" not in o]
+            overrides = [o for o in overrides if "=" in o] + ([f"models={json.dumps(models)}"] if models else [])
+        cfg = load_config(STAGES[args.command][0], args.config, overrides)
         art = _stage_runner(args.command)(cfg, store)
         if art is not None:
             print(f"wrote {art.ref} -> {art.path}")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rlhf.errors import RlhfError
 
@@ -137,6 +137,8 @@ class PPOHyperparameters(Section):
     max_new_tokens: int = Field(48, ge=1)
     max_prompt_length: int = Field(256, ge=8, description="longer prompts keep their last tokens and are counted")
     missing_eos_penalty: float = Field(1.0, ge=0, description="subtracted from the score of a response cut off without EOS")
+    value_init: Literal["reward", "zero"] = Field(
+        "reward", description="value head start: the reward model's normalised score head, or zeros (V = 0)")
 
 
 class PPOConfig(StageConfig):
@@ -178,6 +180,25 @@ class ScoreConfig(Section):
     data: str = "candidates:latest"
     output: str | None = Field(None, description="dataset name for the scored copy; default: the input's name")
     batch_size: int = Field(16, ge=1)
+
+
+class CompareConfig(Section):
+    models: list[str] = Field(min_length=2, description="checkpoint refs; given as positional arguments")
+    data: str = Field("prompts:latest", description="held-out prompts dataset")
+    judge: list[str] = Field(["gold"], description="gold, reward:<ref>, human:<ab_votes ref>; comma-separated")
+    limit: int | None = Field(None, ge=1, description="use only the first N prompts")
+    sampling: SamplingConfig = SamplingConfig(temperature=0.7)
+    batch_size: int = Field(32, ge=1, description="prompts per generate() call")
+    seed: int = 0
+    tie_margin: float = Field(0.0, ge=0, description="score differences up to this count as ties")
+    bootstrap_samples: int = Field(1000, ge=100)
+    output: str = "compare"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+
+    @field_validator("judge", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return [j.strip() for j in v.split(",") if j.strip()] if isinstance(v, str) else v
 
 
 C = TypeVar("C", bound=BaseModel)

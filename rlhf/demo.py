@@ -1,7 +1,8 @@
 """`rlhf demo`: the loop on the packaged SmolLM2-135M-Instruct and the demo data.
 
     base import -> data import -> sft -> generate -> simulated annotators rank in the labeling
-    store -> export preferences -> reward -> dpo and ppo -> held-out results
+    store -> export preferences -> reward -> dpo and ppo -> compare sft, dpo and ppo on held-out
+    prompts, judged by the gold scorer and by the reward model -> the report
 
 Every step writes new artifact versions; nothing is overwritten. `--quick` runs the same
 path with tiny sizes as a smoke test. The sizes below are chosen for a 2-core CPU.
@@ -9,28 +10,33 @@ path with tiny sizes as a smoke test. The sizes below are chosen for a 2-core CP
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from rlhf.artifacts import Artifact, ArtifactStore
-from rlhf.config import DPOConfig, GenerateConfig, PPOConfig, RewardConfig, SFTConfig, load_config
+from rlhf.config import CompareConfig, GenerateConfig, SFTConfig, dump, load_config
 
 DEMO_DATA = Path(__file__).parent / "demo_data"
 ANNOTATORS = [f"annotator-{i}" for i in range(1, 6)]
 
 SIZES = {
     "full": {
-        "sft": ["train.max_steps=20", "train.batch_size=8", "train.learning_rate=2e-4", "max_length=384"],
+        "sft": ["train.max_steps=10", "train.batch_size=8", "train.learning_rate=2e-4", "max_length=384"],
         "generate": ["k=4", "limit=64", "sampling.temperature=0.9", "sampling.max_new_tokens=64", "batch_size=8"],
         "overlap": 3,
-        "reward": ["train.max_steps=20", "train.batch_size=8", "train.learning_rate=3e-4", "max_length=320",
+        "reward": ["train.max_steps=30", "train.batch_size=8", "train.learning_rate=3e-4", "max_length=320",
                    "normalization_samples=128"],
-        "dpo": ["train.max_steps=20", "train.batch_size=8", "train.learning_rate=2e-4", "beta=0.1",
-                "max_length=320", "kl_prompts=8", "max_new_tokens=32"],
-        "ppo": ["train.max_steps=12", "train.batch_size=8", "train.learning_rate=1e-4", "ppo.minibatch_size=4",
-                "ppo.max_new_tokens=48", "eval_every=6", "eval_prompts=16"],
+        "dpo": ["train.max_steps=20", "train.batch_size=8", "train.learning_rate=5e-4", "beta=0.1",
+                "max_length=320", "kl_prompts=4", "max_new_tokens=32"],
+        # A zero-initialised critic: the reward model's score head, read off the policy's own
+        # hidden states, starts with a negative explained variance at this budget.
+        "ppo": ["train.max_steps=8", "train.batch_size=16", "train.learning_rate=3e-4", "ppo.minibatch_size=8",
+                "ppo.max_new_tokens=48", "ppo.value_init=zero", "eval_every=8", "eval_prompts=8"],
+        "compare": ["sampling.max_new_tokens=64"],
     },
     "quick": {
         "sft": ["train.max_steps=3", "train.batch_size=4", "max_length=256", "train.eval_fraction=0.05"],
@@ -42,6 +48,7 @@ SIZES = {
                 "train.eval_fraction=0.2"],
         "ppo": ["train.max_steps=2", "train.batch_size=4", "ppo.minibatch_size=2", "ppo.max_new_tokens=12",
                 "eval_every=2", "eval_prompts=4"],
+        "compare": ["limit=12", "sampling.max_new_tokens=16", "bootstrap_samples=200"],
     },
 }
 
@@ -60,17 +67,16 @@ def run_demo(store: ArtifactStore, quick: bool = False, seed: int = 0) -> dict[s
     from labeling_app.labels import load_task_set
     from labeling_app.simulated import run_annotators
     from labeling_app.store import LabelStore
-    from ppo.dpo import main as dpo_main
-    from ppo.ppo import main as ppo_main
-    from reward.train import main as reward_main
     from rlhf import data, models
+    from rlhf.compare import answers_config
+    from rlhf.compare import main as compare_main
     from rlhf.generate import main as generate_main
     from sft.train import main as sft_main
 
     store.check_writable()
     size = SIZES["quick" if quick else "full"]
     timings: dict[str, float] = {}
-    total = 9
+    total = 8
     seed_args = [f"train.seed={seed}"]
 
     with _step(1, total, "base import (SmolLM2-135M-Instruct GGUF)", timings):
@@ -101,44 +107,156 @@ def run_demo(store: ArtifactStore, quick: bool = False, seed: int = 0) -> dict[s
         print(f"  {len(sim.submitted)} rankings of {loaded.items} items by {len(ANNOTATORS)} simulated annotators "
               f"(Plackett–Luce temperature {sim.temperature:.2f})")
     with _step(6, total, "export preferences", timings):
+        # The reward model learns from every pair the rankings imply; DPO from each prompt's best
+        # response against each of the others (the binarisation UltraFeedback uses): the pairs
+        # with the clearest contrast, which its short budget covers about once.
         preferences, _ = export(store, labels, pairs="all", task_set=loaded.task_set.name)
+        dpo_preferences, _ = export(store, labels, pairs="best-vs-rest", task_set=loaded.task_set.name)
         m = preferences.manifest["metrics"]
-        print(f"  {preferences.ref}: {m['rows']} pairs, pairwise agreement "
+        print(f"  {preferences.ref}: {m['rows']} pairs (all), {dpo_preferences.ref}: "
+              f"{dpo_preferences.manifest['metrics']['rows']} pairs (best vs rest); pairwise agreement "
               f"{_fmt(m.get('pairwise_agreement'))}, Krippendorff's alpha {_fmt(m.get('krippendorff_alpha'))}")
-    with _step(7, total, "reward model", timings):
-        reward = reward_main(load_config(RewardConfig, None, [
-            f"model={sft.ref}", f"data={preferences.ref}", *seed_args, *size["reward"]]), store)
+    compare_args = [f"data={heldout.ref}", f"seed={seed}", *size["compare"]]
+    probe = load_config(CompareConfig, None, [f"models={json.dumps([sft.ref, sft.ref])}", *compare_args])
+
+    def answers(role: str) -> Job:
+        # The answers `compare` will ask for, made early so they overlap with training; compare
+        # finds them by model, prompts and settings and reuses them.
+        return Job("generate", lambda done: flat_overrides(dump(answers_config(probe, done.get(role, sft), heldout))),
+                   after=(role,) if role != "sft" else ())
+
+    with _step(7, total, "reward, dpo, ppo and the held-out answers, two stages at a time", timings):
+        # reward and dpo need only the SFT model and the preferences, and ppo only the reward
+        # model, so they overlap. On a small CPU two single-threaded stages side by side finish
+        # sooner than the same stages one after the other on every core.
+        done = _run_jobs(store, {
+            "reward": Job("reward", lambda d: [f"model={sft.ref}", f"data={preferences.ref}", *seed_args,
+                                                 *size["reward"]]),
+            "dpo": Job("dpo", lambda d: [f"model={sft.ref}", f"data={dpo_preferences.ref}", *seed_args,
+                                           *size["dpo"]]),
+            "ppo": Job("ppo", lambda d: [f"model={sft.ref}", f"reward={d['reward'].ref}", f"data={prompts.ref}",
+                                           f"eval_data={heldout.ref}", *seed_args, *size["ppo"]], after=("reward",)),
+            "answers-sft": answers("sft"),
+            "answers-dpo": answers("dpo"),
+            "answers-ppo": answers("ppo"),
+        }, timings)
+        reward, dpo, ppo = done["reward"], done["dpo"], done["ppo"]
         m = reward.manifest["metrics"]
         lo, hi = m["eval_accuracy_ci95"]
         print(f"  {reward.ref}: held-out accuracy {m['eval_accuracy']:.3f} (95% CI {lo:.3f}–{hi:.3f}), "
               f"ECE {m['eval_ece']:.3f}")
-    with _step(8, total, "dpo", timings):
-        dpo = dpo_main(load_config(DPOConfig, None, [
-            f"model={sft.ref}", f"data={preferences.ref}", *seed_args, *size["dpo"]]), store)
         m = dpo.manifest["metrics"]
         print(f"  {dpo.ref}: held-out reward accuracy {m['eval_reward_accuracy_initial']:.3f} -> "
               f"{m['eval_reward_accuracy']:.3f}, KL to reference {m['eval_kl_to_reference']:.3f}")
-    with _step(9, total, "ppo", timings):
-        ppo = ppo_main(load_config(PPOConfig, None, [
-            f"model={sft.ref}", f"reward={reward.ref}", f"data={prompts.ref}", f"eval_data={heldout.ref}",
-            *seed_args, *size["ppo"]]), store)
         m = ppo.manifest["metrics"]
         print(f"  {ppo.ref}: held-out reward-model score {m['eval_score_initial']:.3f} (SFT) -> "
               f"{m['eval_score']:.3f}, KL {m['eval_kl']:.3f}; generation {m['generation_tokens_per_s']:.0f} tok/s, "
               f"update {m['update_tokens_per_s']:.0f} tok/s")
+    with _step(8, total, "compare sft, dpo and ppo on held-out prompts (gold judge and reward model)", timings):
+        report = compare_main(load_config(CompareConfig, None, [
+            f"models={json.dumps([sft.ref, dpo.ref, ppo.ref])}", f"judge=gold,reward:{reward.ref}",
+            *compare_args]), store)
 
-    _summary(store, timings, [sft, reward, dpo, ppo])
+    _summary(store, timings, report)
     return timings
+
+
+@dataclass
+class Job:
+    """One `rlhf <command>` run as a subprocess once the jobs named in `after` have finished.
+
+    `overrides` gets the artifacts of finished jobs by name, so a job can use what an
+    earlier one wrote (ppo the reward model's exact ref).
+    """
+
+    command: str
+    overrides: Callable[[dict[str, Artifact]], list[str]]
+    after: tuple[str, ...] = ()
+
+
+def flat_overrides(config: dict, prefix: str = "") -> list[str]:
+    """A config dict as the `a.b=value` overrides that rebuild it (values as JSON, which YAML reads)."""
+    out = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out += flat_overrides(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={json.dumps(value)}")
+    return out
+
+
+def _run_jobs(store: ArtifactStore, jobs: dict[str, Job], timings: dict[str, float], slots: int = 2
+              ) -> dict[str, Artifact]:
+    """Run `jobs` as `rlhf` subprocesses, `slots` at a time, each on its share of the cores.
+
+    A job starts as soon as the jobs it needs are done, in the order given. Each writes its
+    output to workspace/logs/; a failure stops the demo with that job's last log lines (the
+    others are stopped, and, like any stage, leave no half-written artifact).
+    """
+    import os
+    import subprocess
+    import sys
+
+    from rlhf.errors import RlhfError
+
+    logs = store.root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    threads = str(max(1, (os.cpu_count() or slots) // slots))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    done: dict[str, Artifact] = {}
+    pending, running = dict(jobs), {}
+    try:
+        while pending or running:
+            for name, job in list(pending.items()):
+                if len(running) < slots and all(dep in done for dep in job.after):
+                    log = logs / f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{name}.log"
+                    argv = [sys.executable, "-m", "rlhf.cli", "--workspace", str(store.root), job.command,
+                            *job.overrides(done)]
+                    with open(log, "w") as f:
+                        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env)
+                    running[name] = (proc, log, time.perf_counter())
+                    del pending[name]
+                    print(f"  {name}: started ({threads} thread{'s' if threads != '1' else ''}; log {log})", flush=True)
+            time.sleep(0.5)
+            for name, (proc, log, start) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                lines = log.read_text(errors="replace").splitlines()
+                wrote = [line.split()[1] for line in lines if line.startswith("wrote ")]
+                if proc.returncode != 0 or not wrote:
+                    tail = "\n".join(lines[-5:])
+                    raise RlhfError(f"the {name} job failed (exit {proc.returncode}); its log {log} ends:\n{tail}")
+                done[name] = store.resolve(wrote[-1])
+                timings[f"  {name}"] = time.perf_counter() - start
+                print(f"  {name}: {done[name].ref} in {timings[f'  {name}']:.0f}s", flush=True)
+        return done
+    finally:
+        for proc, _, _ in running.values():
+            proc.terminate()
+            proc.wait()
 
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def _summary(store: ArtifactStore, timings: dict[str, float], finals: list[Artifact]) -> None:
+def _summary(store: ArtifactStore, timings: dict[str, float], report: Artifact) -> None:
+    from rlhf.report import pct
+
     print("\nstage timings:")
     for title, seconds in timings.items():
         print(f"  {seconds:7.1f}s  {title}")
-    print(f"  {sum(timings.values()):7.1f}s  total")
-    print(f"\nlineage of {finals[-1].ref}:\n{store.lineage(finals[-1].ref)}")
-    print(f"\nworkspace: {store.root}")
+    # Indented entries are jobs inside a step; the step's own entry already counts their time.
+    print(f"  {sum(v for k, v in timings.items() if not k.startswith(' ')):7.1f}s  total")
+    gold = report.manifest["metrics"]["judges"]["gold"]
+    print("\nleaderboard, judged by the gold scorer on held-out prompts (Bradley–Terry, Elo scale):")
+    for r in gold["leaderboard"]:
+        print(f"  {r['rank']}. {r['model']:4s} {r['rating']:6.0f}  95% CI [{r['ci95'][0]:.0f}, {r['ci95'][1]:.0f}]  "
+              f"mean gold score {r['mean_score']:.2f}, {r['mean_length']:.0f} words")
+    for p in gold["pairs"]:
+        if p["b"] == "sft":
+            print(f"  {p['a']} beats sft {pct(p['win_rate'])} of the time (95% CI {pct(p['ci95'][0])}–"
+                  f"{pct(p['ci95'][1])}; length-controlled {pct(p['lc_win_rate'])})")
+    print(f"\nreport: {report.path / 'report.html'}")
+    print(f"workspace: {store.root}; see the lineage of any artifact with `rlhf artifacts lineage REF`")

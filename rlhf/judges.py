@@ -50,6 +50,14 @@ def raw_rewards(model, tokenizer, conversations: Sequence[Messages], batch_size:
     return out
 
 
+def check_reward_checkpoint(art: Artifact) -> Artifact:
+    """`art`, if `rlhf reward` made it; otherwise a one-line error that says what it is."""
+    if art.manifest.get("stage") != "reward":
+        raise RlhfError(f"{art.ref} is a {art.manifest.get('stage')!r} checkpoint, not a reward "
+                        "model; pass a checkpoint made by `rlhf reward`")
+    return art
+
+
 class RewardModel:
     """A trained reward checkpoint, ready to score conversations."""
 
@@ -58,10 +66,7 @@ class RewardModel:
 
         from rlhf.models import load_tokenizer
 
-        self.artifact: Artifact = store.resolve(ref, kind="checkpoint")
-        if self.artifact.manifest.get("stage") != "reward":
-            raise RlhfError(f"{self.artifact.ref} is a {self.artifact.manifest.get('stage')!r} checkpoint, not a reward "
-                            "model; pass a checkpoint made by `rlhf reward`")
+        self.artifact: Artifact = check_reward_checkpoint(store.resolve(ref, kind="checkpoint"))
         norm = self.artifact.manifest["metrics"]["normalization"]
         self.mean, self.std = norm["mean"], norm["std"]
         self.max_length = self.artifact.manifest["config"]["max_length"]

@@ -137,6 +137,14 @@ def base_of(store: ArtifactStore, art: Artifact) -> Artifact:
     return store.resolve(inp["ref"], kind="checkpoint")
 
 
+def check_policy(art: Artifact) -> Artifact:
+    """`art`, unless it is a reward model: a classifier has no LM head to generate with."""
+    if art.manifest.get("stage") == "reward":
+        raise RlhfError(f"{art.ref} is a reward model, not a causal LM that can generate; pass a policy "
+                        "checkpoint (base, sft, dpo or ppo)")
+    return art
+
+
 def load_causal_lm(store: ArtifactStore, art: Artifact, mode: str = "lora", **kwargs: Any):
     """Load a checkpoint as plain weights, merging adapters down the lineage.
 
@@ -146,6 +154,7 @@ def load_causal_lm(store: ArtifactStore, art: Artifact, mode: str = "lora", **kw
     from transformers import AutoModelForCausalLM
 
     check_mode(mode)
+    check_policy(art)
     if is_adapter(art):
         from peft import PeftModel
 

@@ -107,3 +107,98 @@ def pref_ws(tiny_ws, tmp_path) -> Path:
     """`tiny_ws` plus the marker preference set as preferences:v1."""
     assert rlhf(tiny_ws, "data", "import", "preferences", str(write_marker_preferences(tmp_path / "p.jsonl"))) == 0
     return tiny_ws
+
+
+# -- a workspace for the engineers' dashboard --------------------------------------------------
+
+# One pixel, so pages and tests can show "a saved plot" without matplotlib.
+TINY_PNG = bytes.fromhex("89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c4890000000d49444154789c63"
+                         "6060f8ff1f0004fe02fea1f3d1500000000049454e44ae426082")
+JUDGE_REWARD = "reward:checkpoints/reward:v1"
+HUMAN_JUDGE = "human:datasets/ab_votes:v1"
+
+
+def compare_metrics() -> dict:
+    """`rlhf compare`'s metrics.json: the schema the dashboard reads (gold judge and a reward-model judge)."""
+    pair = {"a": "dpo", "b": "sft", "wins": 70, "ties": 5, "losses": 45, "n": 120,
+            "win_rate": 0.6042, "ci95": [0.52, 0.68], "lc_win_rate": 0.58}
+    gold = {"mean_score": {"sft": 1.2, "dpo": 1.9, "ppo": 2.0},
+            "pairs": [pair, {"a": "ppo", "b": "sft", "wins": 80, "ties": 0, "losses": 40, "n": 120,
+                             "win_rate": 0.6667, "ci95": [0.58, 0.75], "lc_win_rate": None}],
+            "leaderboard": [{"model": "dpo", "rating": 1010.4, "ci95": [985.0, 1033.2], "rank": 2,
+                             "mean_score": 1.9, "mean_length": 40.1},
+                            {"model": "ppo", "rating": 1052.1, "ci95": [1020.3, 1081.0], "rank": 1,
+                             "mean_score": 2.0, "mean_length": 38.0}]}
+    reward = {"mean_score": {"sft": 0.1, "dpo": 0.4, "ppo": 0.5},
+              "pairs": [{**pair, "wins": 66, "ties": 0, "losses": 54, "win_rate": 0.55, "ci95": [0.46, 0.64],
+                         "lc_win_rate": None}],
+              "leaderboard": []}
+    return {"models": {"sft": "checkpoints/sft:v1", "dpo": "checkpoints/dpo:v1", "ppo": "checkpoints/ppo:v1"},
+            "prompts": "datasets/heldout:v1", "n_prompts": 120,
+            "mean_length": {"sft": 52.3, "dpo": 40.1, "ppo": 38.0},
+            "judges": {"gold": gold, JUDGE_REWARD: reward},
+            "judge_agreement": [{"judges": ["gold", JUDGE_REWARD], "agreement": 0.71, "n": 360},
+                                {"judges": [HUMAN_JUDGE, "gold"], "agreement": 0.64, "n": 50}]}
+
+
+def build_dashboard_workspace(ws: Path) -> dict:
+    """Artifacts as the loop leaves them, written directly (no models): base (from a file whose
+    name holds a quote) -> sft (with a TRL log and a plot) -> dpo and ppo (with PPO logs);
+    rewards on human-exported and on imported preferences; one compare report. Returns them by role."""
+    from rlhf.artifacts import ArtifactStore
+
+    store = ArtifactStore(ws)
+    ws.mkdir(parents=True, exist_ok=True)
+    gguf = ws.parent / 'model "q8".gguf'
+    gguf.write_bytes(b"not really a gguf")
+
+    def make(kind, name, stage, inputs=(), metrics=None, files=None, file_inputs=()):
+        with store.create(kind, name, stage=stage) as w:
+            for role, art in inputs:
+                w.add_input(role, art)
+            for role, path in file_inputs:
+                w.add_file_input(role, path)
+            for rel, content in (files or {}).items():
+                (w.path / rel).parent.mkdir(parents=True, exist_ok=True)
+                if isinstance(content, bytes):
+                    (w.path / rel).write_bytes(content)
+                else:
+                    (w.path / rel).write_text(content if isinstance(content, str) else
+                                              "".join(json.dumps(e) + "\n" for e in content))
+            w.metrics.update(metrics or {})
+        return w.result
+
+    a = {}
+    a["base"] = make("checkpoint", "base", "base import", files={"config.json": "{}"}, file_inputs=[("gguf", gguf)])
+    a["sft_data"] = make("dataset", "sft", "data import", files={"data.jsonl": "{}\n"}, metrics={"rows": 40})
+    train_log = [{"loss": 2.0, "grad_norm": 1.5, "learning_rate": 1e-4, "epoch": 0.5, "step": 5},
+                 {"eval_loss": 1.9, "eval_runtime": 0.3, "epoch": 0.5, "step": 5},
+                 {"loss": 1.5, "grad_norm": 1.1, "learning_rate": 5e-5, "epoch": 1.0, "step": 10},
+                 {"eval_loss": 1.4, "eval_runtime": 0.3, "epoch": 1.0, "step": 10},
+                 {"train_runtime": 12.0, "train_loss": 1.75, "total_flos": 1e9, "epoch": 1.0, "step": 10}]
+    a["sft"] = make("checkpoint", "sft", "sft", [("model", a["base"]), ("data", a["sft_data"])],
+                    {"eval_loss_initial": 2.1, "eval_loss": 1.4, "mode": "lora"},
+                    {"logs/train_log.jsonl": train_log, "logs/loss.png": TINY_PNG})
+    a["candidates"] = make("dataset", "sft-candidates", "generate", [("model", a["sft"])], files={"data.jsonl": "{}\n"})
+    a["human_prefs"] = make("dataset", "preferences", "label export", [("candidates", a["candidates"])],
+                            {"rows": 30}, files={"data.jsonl": "{}\n"})
+    a["hh_prefs"] = make("dataset", "hh", "data import", metrics={"rows": 500}, files={"data.jsonl": "{}\n"})
+    a["reward_human"] = make("checkpoint", "reward", "reward", [("model", a["sft"]), ("data", a["human_prefs"])],
+                             {"eval_accuracy": 0.75, "eval_accuracy_ci95": [0.6, 0.875], "eval_pairs": 8})
+    a["reward_hh"] = make("checkpoint", "reward", "reward", [("model", a["sft"]), ("data", a["hh_prefs"])],
+                          {"eval_accuracy": 0.9, "eval_accuracy_ci95": [0.85, 0.94], "eval_pairs": 100})
+    a["dpo"] = make("checkpoint", "dpo", "dpo", [("model", a["sft"]), ("reference", a["sft"]),
+                                                 ("data", a["human_prefs"])], {"eval_loss": 0.6})
+    ppo_log = [{"iteration": i, "score": s, "kl": kl, "kl_coef": 0.05, "entropy": 2.0 - i / 10, "clipfrac": 0.1 * i,
+                "approx_kl": 0.01 * i, "value_loss": 1.0 / i, "explained_variance": 0.2 * i,
+                "response_length": 30.0 + i, "eos_rate": 1.0} for i, s, kl in ((1, -0.5, 0.0), (2, 0.1, 0.4),
+                                                                             (3, 0.7, 0.9))]
+    ppo_log[-1]["eval_score"] = 0.6
+    evals = [{"iteration": 0, "score": -0.4, "kl": 0.0, "samples": [{"prompt": "p", "response": "r", "score": 0.1}]},
+             {"iteration": 3, "score": 0.6, "kl": 1.1, "samples": []}]
+    a["ppo"] = make("checkpoint", "ppo", "ppo", [("model", a["sft"]), ("reference", a["sft"]),
+                                                 ("data", a["sft_data"]), ("reward", a["reward_human"])],
+                    {"eval_score": 0.6, "final_kl": 0.9}, {"logs/ppo_log.jsonl": ppo_log, "logs/evals.jsonl": evals})
+    a["report"] = make("report", "compare", "compare", [("model", a["sft"]), ("model", a["dpo"]), ("model", a["ppo"])],
+                       {"n_prompts": 120}, {"metrics.json": json.dumps(compare_metrics())})
+    return a

@@ -3,7 +3,8 @@
 One test walks the human-feedback loop as an annotator would: log in with a token, rank
 four responses with the keyboard shortcuts (a tie included), submit with Ctrl+Enter, see
 "Saved", reload, find the label still there, then `rlhf label export` and check the
-preference rows. It also takes the README's screenshot of the ranking page.
+preference rows. It also takes the README's screenshot of the ranking page. An admin then
+opens the engineers' dashboard on a workspace holding a compare report and sees its leaderboard.
 
 Chromium comes from Debian (`apt-get install chromium`; `make test` and `.ci/run`
 install it as root). Without it the test is skipped, except under CI=true, where it fails.
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from conftest import build_dashboard_workspace
 from labeling_app import auth
 from labeling_app.labels import label_of, load_task_set
 from labeling_app.store import Assignment, LabelStore
@@ -107,6 +109,17 @@ def workspace(tmp_path):
 
 
 @pytest.fixture
+def admin_token(workspace) -> str:
+    """Admin root, and the artifacts of a whole loop (a compare report included) in the same workspace."""
+    ws, db, _ = workspace
+    build_dashboard_workspace(ws)
+    store = LabelStore(db)
+    _, token = auth.add_user(store, "root", "admin")
+    store.close()
+    return token
+
+
+@pytest.fixture
 def server(chromium, workspace, tmp_path):
     """`rlhf label serve` on a free port; yields its URL. Stopped with SIGTERM, which serve passes on."""
     ws, db, _ = workspace
@@ -133,7 +146,7 @@ def wait_idle(page) -> None:
 
 
 def screenshot(page, path: Path) -> None:
-    """The whole ranking page. Streamlit scrolls inside its main pane, not the document, so the
+    """The whole page. Streamlit scrolls inside its main pane, not the document, so the
     window is made as tall as that pane's content instead of using `full_page`."""
     wait_idle(page)
     height = page.evaluate("document.querySelector('[data-testid=\"stMain\"]').scrollHeight")
@@ -144,7 +157,7 @@ def screenshot(page, path: Path) -> None:
     page.set_viewport_size({"width": 1100, "height": 1000})
 
 
-def test_log_in_rank_submit_reload_and_export_in_chromium(chromium, workspace, server):
+def test_log_in_rank_submit_reload_and_export_in_chromium(chromium, workspace, admin_token, server):
     from playwright.sync_api import expect, sync_playwright
 
     ws, db, token = workspace
@@ -191,6 +204,27 @@ def test_log_in_rank_submit_reload_and_export_in_chromium(chromium, workspace, s
             last = page.locator(".st-key-last_submission")
             expect(last.get_by_text("Ranking: B > A = C > D")).to_be_visible()
             expect(last.get_by_text("B answers the question; A and C are equally fine.")).to_be_visible()
+
+            # An admin, in a browser session of their own, opens the dashboard from the sidebar.
+            admin = browser.new_page(viewport={"width": 1100, "height": 1000})
+            admin.set_default_timeout(20_000)
+            admin.goto(server)
+            admin.get_by_label("Login token", exact=True).fill(admin_token)
+            admin.get_by_role("button", name="Log in").click()
+            admin.get_by_role("link", name="Dashboard").click()
+            expect(admin.get_by_role("heading", name="Compare leaderboard")).to_be_visible()
+            assert "/dashboard" in admin.url
+            expect(admin.locator("svg .node").first).to_be_visible()  # the lineage graph was drawn
+            # A table draws its cells on a canvas and keeps their text in an off-screen grid
+            # for screen readers, so the text is found there and the table itself is what is visible.
+            board = admin.locator('[data-testid="stDataFrame"]').filter(has_text="1052.1")
+            expect(board).to_be_visible()
+            expect(board.get_by_text("1020.3 – 1081.0", exact=True)).to_have_count(1)  # ppo's rating CI
+            expect(board.get_by_text("ppo", exact=True)).to_have_count(1)
+            # Into the test's workspace only: the README's dashboard shows a real demo run, not these fixtures.
+            shot = ws / "dashboard.png"
+            screenshot(admin, shot)
+            assert shot.stat().st_size > 10_000
         finally:
             browser.close()
 

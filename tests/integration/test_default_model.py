@@ -63,10 +63,21 @@ def test_quick_demo_runs_end_to_end_and_the_policy_traces_back_to_every_input(tm
     assert rlhf(ws, "demo", "--quick") == 0
     out = capsys.readouterr().out
     assert "stage timings:" in out and "held-out reward-model score" in out
-    lineage = ArtifactStore(ws).lineage("checkpoints/ppo:latest")
+    store = ArtifactStore(ws)
+    lineage = store.lineage("checkpoints/ppo:latest")
     for parent in ("checkpoints/base:v1", "datasets/sft:v1", "checkpoints/sft:v1", "datasets/candidates:v1",
                    "datasets/rankings:v1", "datasets/preferences:v1", "checkpoints/reward:v1", ".gguf"):
         assert parent in lineage, parent
+    # The compare report judges all three policies on the held-out prompts, by gold and reward model.
+    report = store.resolve("reports/compare:latest")
+    m = report.manifest["metrics"]
+    assert m["models"] == {"sft": "checkpoints/sft:v1", "dpo": "checkpoints/dpo:v1", "ppo": "checkpoints/ppo:v1"}
+    assert set(m["judges"]) == {"gold", "reward:checkpoints/reward:v1"} and m["n_prompts"] == 12
+    assert len(m["judges"]["gold"]["leaderboard"]) == 3
+    assert "leaderboard, judged by the gold scorer" in out and str(report.path / "report.html") in out
+    # Running it again makes new versions and overwrites nothing.
+    assert rlhf(ws, "demo", "--quick") == 0
+    assert store.resolve("reports/compare:latest").version == 2 and store.resolve("ppo:latest").version == 2
 
 
 def test_reward_on_real_hh_rows_then_score_normalises_to_zero_mean(real_ws, tmp_path):

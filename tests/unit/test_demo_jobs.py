@@ -1,0 +1,37 @@
+"""The demo's stage scheduler: overrides that rebuild a config, and a failing job that stops the demo."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from rlhf.artifacts import ArtifactStore
+from rlhf.config import CompareConfig, GenerateConfig, dump, load_config
+from rlhf.demo import Job, _run_jobs, flat_overrides
+from rlhf.errors import RlhfError
+
+
+def test_flat_overrides_rebuild_the_same_config():
+    cfg = load_config(CompareConfig, None, ["models=[sft:v1, dpo:v2]", "sampling.max_new_tokens=64", "limit=12"])
+    again = load_config(CompareConfig, None, flat_overrides(dump(cfg)))
+    assert again == cfg
+    gen = GenerateConfig(model="checkpoints/sft:v1", data="datasets/heldout:v1", k=1, limit=None)
+    assert load_config(GenerateConfig, None, flat_overrides(dump(gen))) == gen
+
+
+def test_a_failing_job_stops_the_demo_with_its_log_and_its_dependants_never_start(tmp_path):
+    store = ArtifactStore(tmp_path / "ws")
+    jobs = {
+        # Fails at once: there is no such checkpoint.
+        "bad": Job("generate", lambda done: ["model=nope:latest"]),
+        "after": Job("generate", lambda done: [], after=("bad",)),
+    }
+    start = time.perf_counter()
+    with pytest.raises(RlhfError, match=r"the bad job failed \(exit 2\); its log .* ends:\n.*nope") as e:
+        _run_jobs(store, jobs, {})
+    assert time.perf_counter() - start < 60
+    log = str(e.value).split("its log ")[1].split(" ends")[0]
+    assert "no artifact named 'nope'" in open(log).read()
+    assert store.list() == []
+    assert [p.name.split("-")[-1] for p in (tmp_path / "ws" / "logs").iterdir()] == ["bad.log"]  # "after" never ran
