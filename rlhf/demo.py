@@ -28,14 +28,14 @@ SIZES = {
         "sft": ["train.max_steps=10", "train.batch_size=8", "train.learning_rate=2e-4", "max_length=384"],
         "generate": ["k=4", "limit=64", "sampling.temperature=0.9", "sampling.max_new_tokens=64", "batch_size=8"],
         "overlap": 3,
-        "reward": ["train.max_steps=30", "train.batch_size=8", "train.learning_rate=3e-4", "max_length=320",
+        "reward": ["train.max_steps=24", "train.batch_size=8", "train.learning_rate=3e-4", "max_length=320",
                    "normalization_samples=128"],
         "dpo": ["train.max_steps=20", "train.batch_size=8", "train.learning_rate=5e-4", "beta=0.1",
                 "max_length=320", "kl_prompts=4", "max_new_tokens=32"],
         # A zero-initialised critic: the reward model's score head, read off the policy's own
         # hidden states, starts with a negative explained variance at this budget.
-        "ppo": ["train.max_steps=8", "train.batch_size=16", "train.learning_rate=3e-4", "ppo.minibatch_size=8",
-                "ppo.max_new_tokens=48", "ppo.value_init=zero", "eval_every=8", "eval_prompts=8"],
+        "ppo": ["train.max_steps=10", "train.batch_size=16", "train.learning_rate=3e-4", "ppo.minibatch_size=8",
+                "ppo.max_new_tokens=48", "ppo.value_init=zero", "eval_every=10", "eval_prompts=8"],
         "compare": ["sampling.max_new_tokens=64"],
     },
     "quick": {
@@ -200,14 +200,16 @@ def _run_jobs(store: ArtifactStore, jobs: dict[str, Job], timings: dict[str, flo
 
     logs = store.root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    threads = str(max(1, (os.cpu_count() or slots) // slots))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     done: dict[str, Artifact] = {}
     pending, running = dict(jobs), {}
     try:
         while pending or running:
             for name, job in list(pending.items()):
                 if len(running) < slots and all(dep in done for dep in job.after):
+                    # The cores are shared by the jobs that can run now; one alone gets them all.
+                    ready = sum(all(d in done for d in j.after) for j in pending.values())
+                    threads = str(max(1, (os.cpu_count() or slots) // min(slots, len(running) + ready)))
+                    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
                     log = logs / f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{name}.log"
                     argv = [sys.executable, "-m", "rlhf.cli", "--workspace", str(store.root), job.command,
                             *job.overrides(done)]
