@@ -295,11 +295,10 @@ def cached_responses(store: ArtifactStore, model: Artifact, prompts: Artifact, c
 
 def main(cfg: CompareConfig, store: ArtifactStore) -> Artifact:
     from rlhf import data
+    from rlhf.models import check_policy
     from rlhf.report import write_report
 
     store.check_writable()
-    from rlhf.models import check_policy
-
     models = [check_policy(store.resolve(r, kind="checkpoint")) for r in cfg.models]
     labels = model_labels(models)
     prompts_art = store.resolve(cfg.data, kind="dataset")
