@@ -61,25 +61,35 @@ def win_rate_ci(x: np.ndarray, n_resamples: int = 1000, seed: int = 0) -> tuple[
     return float(x.mean()), (float(res.confidence_interval.low), float(res.confidence_interval.high))
 
 
-def _lc_fit(y: np.ndarray, z: np.ndarray) -> float:
-    """σ(θ) of the logistic fit y ~ σ(θ + φ·z) with soft labels y ∈ [0, 1]: the win-rate at z = 0."""
+def _logistic_fit(d: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    """Coefficients of the logistic regression y ~ σ(d·β), by maximum likelihood.
+
+    Soft labels y ∈ [0, 1] (a tie is 0.5), optional per-row weights `w` (a bootstrap's resample
+    counts), and a weak ridge (1e-3 · Σβ²) that keeps a perfectly separated fit finite. The
+    problem is convex and tiny, so Newton steps (trust-exact) converge in a handful of
+    iterations, which keeps a 1000-resample bootstrap to about a second.
+    """
     from scipy.optimize import minimize
 
-    d = np.stack([np.ones_like(z), z], axis=1)
+    w = np.ones(len(y)) if w is None else w
 
-    def nll(w: np.ndarray) -> tuple[float, np.ndarray]:
-        t = d @ w
-        # Soft-label cross-entropy via logaddexp, stable for large |t|; a tiny ridge keeps a
-        # perfectly separated fit finite.
-        loss = np.sum(np.logaddexp(0, t) - y * t) + 1e-3 * (w @ w)
-        return float(loss), d.T @ (1 / (1 + np.exp(-t)) - y) + 2e-3 * w
+    def nll(beta: np.ndarray) -> tuple[float, np.ndarray]:
+        t = d @ beta
+        # Soft-label cross-entropy via logaddexp, stable for large |t|.
+        loss = w @ (np.logaddexp(0, t) - y * t) + 1e-3 * (beta @ beta)
+        return float(loss), d.T @ (w * (1 / (1 + np.exp(-t)) - y)) + 2e-3 * beta
 
-    def hess(w: np.ndarray) -> np.ndarray:
-        p = 1 / (1 + np.exp(-(d @ w)))
-        return (d.T * (p * (1 - p))) @ d + 2e-3 * np.eye(2)
+    def hess(beta: np.ndarray) -> np.ndarray:
+        p = 1 / (1 + np.exp(-(d @ beta)))
+        return (d.T * (w * p * (1 - p))) @ d + 2e-3 * np.eye(d.shape[1])
 
-    w = minimize(nll, np.zeros(2), jac=True, hess=hess, method="trust-exact").x
-    return float(1 / (1 + np.exp(-w[0])))
+    return minimize(nll, np.zeros(d.shape[1]), jac=True, hess=hess, method="trust-exact").x
+
+
+def _lc_fit(y: np.ndarray, z: np.ndarray) -> float:
+    """σ(θ) of the fit y ~ σ(θ + φ·z): the win-rate at z = 0."""
+    theta = _logistic_fit(np.stack([np.ones_like(z), z], axis=1), y)[0]
+    return float(1 / (1 + np.exp(-theta)))
 
 
 def length_controlled_win_rate(x: np.ndarray, len_a: Sequence[float], len_b: Sequence[float],
@@ -105,31 +115,14 @@ def length_controlled_win_rate(x: np.ndarray, len_a: Sequence[float], len_b: Seq
 
 
 def _bt_fit(n_models: int, a: np.ndarray, b: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
-    """Bradley–Terry log-strengths by maximum likelihood: P(a beats b) = σ(β_a − β_b), ties as y = 0.5.
+    """Bradley–Terry log-strengths: P(a beats b) = σ(β_a − β_b), ties as y = 0.5, centred to mean 0.
 
-    `w` weights each battle (a bootstrap's resample counts). A weak ridge (1e-3 · Σβ²) keeps
-    the fit finite when one model wins every battle and fixes the free offset; β is then
-    centred to mean 0. The problem is convex and tiny, so Newton steps (trust-exact) converge
-    in a handful of iterations, which keeps a 1000-resample bootstrap to about a second.
+    The ridge of `_logistic_fit` also fixes the free offset that the likelihood leaves.
     """
-    from scipy.optimize import minimize
-
-    w = np.ones(len(y)) if w is None else w
     d = np.zeros((len(y), n_models))  # battle i's design row: +1 at a, -1 at b
     d[np.arange(len(y)), a] += 1
     d[np.arange(len(y)), b] -= 1
-
-    def nll(beta: np.ndarray) -> tuple[float, np.ndarray]:
-        t = d @ beta
-        p = 1 / (1 + np.exp(-t))
-        loss = w @ (np.logaddexp(0, t) - y * t) + 1e-3 * (beta @ beta)
-        return float(loss), d.T @ (w * (p - y)) + 2e-3 * beta
-
-    def hess(beta: np.ndarray) -> np.ndarray:
-        p = 1 / (1 + np.exp(-(d @ beta)))
-        return (d.T * (w * p * (1 - p))) @ d + 2e-3 * np.eye(n_models)
-
-    beta = minimize(nll, np.zeros(n_models), jac=True, hess=hess, method="trust-exact").x
+    beta = _logistic_fit(d, y, w)
     return beta - beta.mean()
 
 
