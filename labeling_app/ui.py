@@ -13,7 +13,7 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import streamlit as st
 
@@ -134,6 +134,9 @@ def logout(label_store: LabelStore) -> None:
 # -- page building blocks ------------------------------------------------------------------
 
 
+T = TypeVar("T")
+
+
 def flash(kind: str, message: str) -> None:
     """Queue a message for the next run (callbacks run before the page draws)."""
     st.session_state.flash = (kind, message)
@@ -147,6 +150,25 @@ def show_flash() -> None:
 
 def show_error(e: RlhfError) -> None:
     flash("error", md_escape(str(e)))
+
+
+def attempt(action: Callable[[], T], kind: str, message: Callable[[T], str]) -> bool:
+    """Run a button's store action: flash `message(result)` after it, or its error instead."""
+    try:
+        result = action()
+    except RlhfError as e:
+        show_error(e)
+        return False
+    flash(kind, message(result))
+    return True
+
+
+def on_skip(label_store: LabelStore, user, item_id: int) -> None:
+    """The Skip button of both labeling pages."""
+    from labeling_app.labels import skip
+
+    attempt(lambda: skip(label_store, user, item_id), "info",
+            lambda _: "Skipped. The item goes back to the pool for others.")
 
 
 def pick_task_set(label_store: LabelStore, kind: str, label: str) -> TaskSet | None:

@@ -11,8 +11,7 @@ import streamlit as st
 
 from labeling_app import shortcuts, ui
 from labeling_app.assign import next_item
-from labeling_app.labels import last_label, revise_ab, skip, submit_ab
-from rlhf.errors import RlhfError
+from labeling_app.labels import last_label, revise_ab, submit_ab
 
 CHOICES = {"A": "A is better", "B": "B is better", "tie": "Tie", "both_bad": "Both bad"}
 KEYS = {"A": "a", "B": "b", "tie": "t", "both_bad": "x"}
@@ -33,31 +32,14 @@ def extras(prefix: str) -> tuple[str | None, str]:
 
 def on_vote(item_id: int, choice: str, prefix: str) -> None:
     flag, rationale = extras(prefix)
-    try:
-        submit_ab(store, user, item_id, choice, flag=flag, rationale=rationale)
-    except RlhfError as e:
-        ui.show_error(e)
-        return
-    ui.flash("success", f"Saved. Your vote: {CHOICES[choice]}")
+    ui.attempt(lambda: submit_ab(store, user, item_id, choice, flag=flag, rationale=rationale), "success",
+               lambda _: f"Saved. Your vote: {CHOICES[choice]}")
 
 
 def on_change_vote(item_id: int, key: str) -> None:
     choice = st.session_state.get(key)
-    try:
-        revise_ab(store, user, item_id, choice)
-    except RlhfError as e:
-        ui.show_error(e)
-        return
-    ui.flash("success", f"Vote changed to: {CHOICES[choice]}")
-
-
-def on_skip(item_id: int) -> None:
-    try:
-        skip(store, user, item_id)
-    except RlhfError as e:
-        ui.show_error(e)
-        return
-    ui.flash("info", "Skipped. The item goes back to the pool for others.")
+    ui.attempt(lambda: revise_ab(store, user, item_id, choice), "success",
+               lambda _: f"Vote changed to: {CHOICES[choice]}")
 
 
 got = next_item(store, user, task_set.name)
@@ -78,7 +60,7 @@ else:
     for column, (choice, title) in zip(st.columns(len(CHOICES)), CHOICES.items()):
         column.button(title, key=buttons[choice], on_click=on_vote, args=(item.id, choice, prefix),
                       type="primary" if choice in ("A", "B") else "secondary", width="stretch")
-    st.button("Skip", key=f"{prefix}_skip", on_click=on_skip, args=(item.id,))
+    st.button("Skip", key=f"{prefix}_skip", on_click=ui.on_skip, args=(store, user, item.id))
     st.caption(shortcuts.AB_HELP)
     shortcuts.install(keys={KEYS[c]: key for c, key in buttons.items()} | {"s": f"{prefix}_skip"})
 

@@ -14,9 +14,8 @@ import streamlit as st
 
 from labeling_app import shortcuts, ui
 from labeling_app.assign import next_item
-from labeling_app.labels import last_label, revise, skip, submit
+from labeling_app.labels import last_label, revise, submit
 from labeling_app.store import Item, Label
-from rlhf.errors import RlhfError
 
 store, user = ui.store(), ui.current_user()
 st.title("Rank the responses")
@@ -59,31 +58,14 @@ def judgement(prefix: str, shown_order: Sequence[str]) -> dict[str, Any]:
 
 
 def on_submit(item_id: int, shown_order: list[str], prefix: str) -> None:
-    try:
-        label = submit(store, user, item_id, **judgement(prefix, shown_order))
-    except RlhfError as e:
-        ui.show_error(e)
-        return
-    ui.flash("success", f"Saved. Your ranking: {ui.describe_ranking(label.ranking, shown_order)}")
+    ui.attempt(lambda: submit(store, user, item_id, **judgement(prefix, shown_order)), "success",
+               lambda label: f"Saved. Your ranking: {ui.describe_ranking(label.ranking, shown_order)}")
 
 
 def on_revise(item_id: int, shown_order: list[str], prefix: str) -> None:
-    try:
-        label = revise(store, user, item_id, **judgement(prefix, shown_order))
-    except RlhfError as e:
-        ui.show_error(e)
-        return
-    st.session_state.pop("revising", None)
-    ui.flash("success", f"Revision saved. Your ranking: {ui.describe_ranking(label.ranking, shown_order)}")
-
-
-def on_skip(item_id: int) -> None:
-    try:
-        skip(store, user, item_id)
-    except RlhfError as e:
-        ui.show_error(e)
-        return
-    ui.flash("info", "Skipped. The item goes back to the pool for others.")
+    if ui.attempt(lambda: revise(store, user, item_id, **judgement(prefix, shown_order)), "success",
+                  lambda label: f"Revision saved. Your ranking: {ui.describe_ranking(label.ranking, shown_order)}"):
+        st.session_state.pop("revising", None)
 
 
 def install_shortcuts(prefix: str, k: int, submit_key: str) -> None:
@@ -135,7 +117,7 @@ else:
     submit_col, skip_col, _ = st.columns([1, 1, 4])
     submit_col.button("Submit", type="primary", key=f"{prefix}_submit", on_click=on_submit,
                       args=(item.id, shown_order, prefix))
-    skip_col.button("Skip", key=f"{prefix}_skip", on_click=on_skip, args=(item.id,))
+    skip_col.button("Skip", key=f"{prefix}_skip", on_click=ui.on_skip, args=(store, user, item.id))
     install_shortcuts(prefix, len(shown_order), f"{prefix}_submit")
 if last is not None:
     last_submission(last)
