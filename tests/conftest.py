@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, NoReturn
 
 import pytest
 
@@ -75,14 +78,44 @@ def tiny_ws(tmp_path, tiny_model_dir) -> Path:
     return ws
 
 
+def unavailable(reason: str, ci_must: str) -> NoReturn:
+    """Something a test needs is missing: skip locally with `reason`; under CI=true fail, since CI `ci_must`."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason}; CI must {ci_must}")
+    pytest.skip(reason)
+
+
 def shared_data(name: str) -> Path:
     """A file from ../shared/data: skip with a reason locally, fail under CI, when it is absent."""
     path = SHARED_DATA / name
     if not path.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{path} is missing; CI must have ../shared/data beside the checkout")
-        pytest.skip(f"{path} not found (shared data lives beside the checkout)")
+        unavailable(f"{path} not found (shared data lives beside the checkout)", "have ../shared/data beside the checkout")
     return path
+
+
+PG_URL = os.environ.get("RLHF_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+
+
+@contextmanager
+def pg_schema_url() -> Iterator[str]:
+    """A URL whose connections live in a fresh schema, dropped afterwards, so parallel runs never collide."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    schema = f"rlhf_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_URL)
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except OperationalError as e:
+        admin.dispose()
+        unavailable(f"PostgreSQL at {PG_URL} is unreachable ({str(e.orig).strip().splitlines()[0]})", "provide it")
+    try:
+        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
 
 
 MARKER = " Have a lovely day!"

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from conftest import build_dashboard_workspace
+from conftest import build_dashboard_workspace, unavailable
 from labeling_app import auth
 from labeling_app.labels import label_of, load_task_set
 from labeling_app.store import Assignment, LabelStore
@@ -59,10 +59,8 @@ def chromium() -> Path:
     """Debian's Chromium, checked before anything is set up or served."""
     if CHROMIUM.exists():
         return CHROMIUM
-    reason = f"{CHROMIUM} not found; install Debian's Chromium with `apt-get install -y chromium` (as root)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason}; CI must install it (.ci/run does)")
-    pytest.skip(reason)
+    unavailable(f"{CHROMIUM} not found; install Debian's Chromium with `apt-get install -y chromium` (as root)",
+                "install it (.ci/run does)")
 
 
 def free_port() -> int:

@@ -7,17 +7,15 @@ speed targets live in bench/.
 
 from __future__ import annotations
 
-import os
 import random
 import statistics
 import threading
-import uuid
 from collections import Counter
 
 import pytest
-from sqlalchemy import create_engine, select, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import select
 
+from conftest import pg_schema_url
 from labeling_app import auth
 from labeling_app.assign import next_item
 from labeling_app.labels import label_records, load_task_set
@@ -26,7 +24,6 @@ from labeling_app.store import Assignment, LabelStore
 from rlhf import data
 from rlhf.artifacts import ArtifactStore
 
-PG_URL = os.environ.get("RLHF_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 ANNOTATORS, ITEMS, OVERLAP = 20, 30, 3
 
 
@@ -38,25 +35,12 @@ def store(request, tmp_path):
         yield s
         s.close()
         return
-    schema = f"rlhf_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL)
-    try:
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except OperationalError as e:
-        admin.dispose()
-        reason = f"PostgreSQL at {PG_URL} is unreachable ({str(e.orig).strip().splitlines()[0]})"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; CI must provide it")
-        pytest.skip(reason)
-    s = LabelStore(f"{PG_URL}?options=-csearch_path%3D{schema}")
-    try:
-        yield s
-    finally:
-        s.close()
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with pg_schema_url() as url:
+        s = LabelStore(url)
+        try:
+            yield s
+        finally:
+            s.close()
 
 
 def task_set(store: LabelStore, tmp_path, n_items: int, overlap: int) -> str:

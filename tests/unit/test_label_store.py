@@ -7,15 +7,12 @@ are passed as `now=` instead of sleeping.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import sqlite3
-import uuid
-from contextlib import contextmanager
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import text
 
+from conftest import pg_schema_url
 from labeling_app import auth
 from labeling_app.assign import next_item
 from labeling_app.labels import (annotator_progress, flagged_items, label_of, last_label, load_ab_task_set,
@@ -25,30 +22,7 @@ from rlhf import data
 from rlhf.artifacts import ArtifactStore
 from rlhf.errors import RlhfError
 
-PG_URL = os.environ.get("RLHF_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0)
-
-
-@contextmanager
-def pg_schema_url():
-    """A URL whose connections live in a fresh schema, dropped afterwards, so parallel runs never collide."""
-    schema = f"rlhf_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL)
-    try:
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except OperationalError as e:
-        admin.dispose()
-        reason = f"PostgreSQL at {PG_URL} is unreachable ({str(e.orig).strip().splitlines()[0]})"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; CI must provide it")
-        pytest.skip(reason)
-    try:
-        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
