@@ -272,10 +272,10 @@ def cached_responses(store: ArtifactStore, model: Artifact, prompts: Artifact, c
     from rlhf.generate import main as generate
 
     gen = answers_config(cfg, model, prompts)
-    same = ("k", "sampling", "limit", "seed", "max_prompt_length")
+    wanted = {k: v for k, v in dump(gen).items() if k in ("k", "sampling", "limit", "seed", "max_prompt_length")}
     for art in reversed(store.list()):
         c = art.manifest.get("config", {})
-        if (art.manifest.get("stage") == "generate" and all(c.get(k) == dump(gen).get(k) for k in same)
+        if (art.manifest.get("stage") == "generate" and all(c.get(k) == v for k, v in wanted.items())
                 and (art.input("model") or {}).get("content_hash") == model.content_hash
                 and (art.input("data") or {}).get("content_hash") == prompts.content_hash):
             print(f"  {model.ref}: reusing its answers in {art.ref}", flush=True)
