@@ -3,6 +3,9 @@
     rlhf reward                                      # sft:latest + preferences:latest -> checkpoints/reward/vK
     rlhf reward --config configs/reward.yaml train.max_steps=100 center_coef=0.01
     rlhf reward model=base:latest data=hh:latest mode=full
+    rlhf reward mode=freeze freeze.trainable_layers=4                # top 4 blocks + the score head
+    rlhf reward data=[preferences:latest,hh:latest] data_weights=[0.8,0.2]
+    rlhf reward train.eval_steps=20 train.early_stopping_patience=3 # stop on held-out pairwise loss
 
 The model is a one-output sequence classifier initialised from the input checkpoint. After
 training it is scored on a held-out split it never saw: pairwise accuracy with a bootstrap
@@ -19,7 +22,7 @@ import torch
 
 from reward.loss import expected_calibration_error, preference_probability, reward_loss
 from rlhf import data as rdata
-from rlhf import models, training
+from rlhf import finetune, models, training
 from rlhf.errors import RlhfError
 from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.config import RewardConfig, dump
@@ -58,37 +61,33 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
     import trl
 
     # 1. Check everything that can fail before any work is done.
-    precision, init, dataset, rows = training.check_inputs(cfg, store, trl.RewardConfig, schema="preferences")
+    inputs = training.prepare_inputs(cfg, store, trl.RewardConfig, schema="preferences", task_type="SEQ_CLS")
+    init = inputs.model
 
-    # 2. A held-out split the model never trains on, the same for the same seed.
-    use_margin = cfg.use_margin and all(r["margin"] is not None for r in rows)
+    # 2. A held-out split per dataset that the model never trains on, the same for the same seed.
+    use_margin = cfg.use_margin and all(r["margin"] is not None for rows in inputs.rows for r in rows)
     columns = ["prompt", "chosen", "rejected"] + (["margin"] if use_margin else [])
-    split = rdata.split_pairs(dataset, rows, cfg.train.eval_fraction, cfg.train.seed, columns,
-                              stage="a reward model")
+    split, data_mix = training.split_and_mix(inputs, cfg, lambda dataset, rows: rdata.split_pairs(
+        dataset, rows, cfg.train.eval_fraction, cfg.train.seed, columns, stage="a reward model"))
 
-    # 3. Model: the input checkpoint with a new one-output head.
+    # 3. Model: the input checkpoint with a new one-output head, and the training mode on top.
     tokenizer = models.load_tokenizer(init)
     torch.manual_seed(cfg.train.seed)  # the new score head's init
     model = models.load_sequence_classifier(store, init, cfg.mode, pad_token_id=tokenizer.pad_token_id)
-    peft_config = None
-    if cfg.mode in ("lora", "qlora"):
-        from peft import LoraConfig
-
-        # SEQ_CLS keeps the new `score` head fully trainable next to the adapter.
-        peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                 target_modules=cfg.lora.target_modules, task_type="SEQ_CLS")
+    peft_config, mode_facts = finetune.prepare(cfg, model, task_type="SEQ_CLS")
 
     # 4. Train, resuming an identical killed run from its scratch checkpoints.
     config = dump(cfg)
-    scratch = store.scratch_dir("reward", training.run_id(config, [init, dataset]))
-    args = trl.RewardConfig(**training.trainer_kwargs(cfg.train, scratch, precision, has_eval=True),
+    scratch = store.scratch_dir("reward", training.run_id(config, [init, *inputs.datasets]))
+    args = trl.RewardConfig(**training.trainer_kwargs(cfg.train, scratch, inputs.precision, has_eval=True),
                             max_length=cfg.max_length, **cfg.trl)
     trainer = _trainer_class()(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
-                               processing_class=tokenizer, peft_config=peft_config, center_coef=cfg.center_coef)
+                               processing_class=tokenizer, peft_config=peft_config, center_coef=cfg.center_coef,
+                               callbacks=training.callbacks(cfg.train))
     too_long = len(split["train"]) - len(trainer.train_dataset)
     if len(trainer.train_dataset) == 0:
-        raise RlhfError(f"all {too_long} training pairs of {dataset.ref} are longer than max_length="
-                        f"{cfg.max_length} tokens; raise max_length")
+        raise RlhfError(f"all {too_long} training pairs of {', '.join(d.ref for d in inputs.datasets)} are longer "
+                        f"than max_length={cfg.max_length} tokens; raise max_length")
     run = training.train_resumable(trainer, scratch)
 
     trainer.accelerator.wait_for_everyone()
@@ -96,7 +95,7 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
         return None
 
     # 5. Held-out evaluation and normalisation statistics, from text like every later scorer.
-    run_metrics = training.run_metrics(trainer, run, precision)  # before the merge folds the adapter away
+    run_metrics = training.run_metrics(trainer, run, inputs.precision)  # before the merge folds the adapter away
     out_model = trainer.model.merge_and_unload() if peft_config else trainer.model
     metrics = evaluate(out_model, tokenizer, split, cfg)
     with store.create("checkpoint", cfg.output, stage="reward", config=config) as w:
@@ -106,14 +105,17 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
         training.save_logs(trainer.state.log_history, w.path / "logs")
         write_report(metrics, w.path / "report", metrics.pop("_margins"))
         w.add_input("model", init)
-        w.add_input("data", dataset)
+        for dataset in inputs.datasets:
+            w.add_input("data", dataset)
         w.metrics.update(metrics)
         w.metrics.update({
             "train_pairs": len(trainer.train_dataset),
             "train_pairs_too_long": too_long,
             "eval_pairs": len(split["test"]),
+            **({"data_mix": data_mix} if len(data_mix) > 1 else {}),
             "used_margin": use_margin,
-            "mode": cfg.mode,
+            **mode_facts,
+            **training.stop_metrics(trainer, cfg.train),
             **run_metrics,
         })
     shutil.rmtree(scratch, ignore_errors=True)

@@ -57,11 +57,46 @@ class TrainConfig(Section):
         False, description="recompute activations to save memory; off because small models fit without it")
 
 
+class FineTuneTrainConfig(TrainConfig):
+    """The budget of the TRL fine-tuning stages (sft, reward), which can also stop early."""
+
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after K evaluations without improvement of eval_loss and keep the best "
+                                "checkpoint (needs eval_steps); checkpoints are then saved at each new best")
+    early_stopping_threshold: float = Field(0.0, ge=0, description="how much eval_loss must fall to count as better")
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_evaluations(self) -> FineTuneTrainConfig:
+        if self.early_stopping_patience is not None and self.eval_steps is None:
+            raise ValueError("train.early_stopping_patience needs evaluations during training; "
+                             "set train.eval_steps too (e.g. train.eval_steps=10)")
+        return self
+
+
 class LoraConfig(Section):
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | str = "all-linear"
+
+
+class FreezeConfig(Section):
+    """mode=freeze: the base stays fixed except the top blocks (layer-wise fine-tuning, feature extraction)."""
+
+    trainable_layers: int | None = Field(None, ge=0, description="top transformer blocks that train; 0 = the head only")
+    head: bool = Field(True, description="train the output head and final norm too (a head tied to the input "
+                                         "embeddings, as in SmolLM2, trains them with it)")
+
+
+class PeftMethodConfig(Section):
+    """mode=peft: any peft method; every key besides `method` goes to that method's peft config class."""
+
+    model_config = ConfigDict(extra="allow")
+    method: str | None = Field(None, description="a peft.PeftType in lower case: lora, ia3, prompt_tuning, loha, ...")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
 class StageConfig(Section):
@@ -73,29 +108,80 @@ class StageConfig(Section):
     output: str
 
 
-class SFTConfig(StageConfig):
-    model: str = "base:latest"
-    data: str = "sft:latest"
-    output: str = "sft"
-    mode: Literal["lora", "full", "qlora"] = "lora"
+ADAPTER_MODES = ("lora", "qlora", "peft")
+
+
+class FineTuneConfig(StageConfig):
+    """What sft and reward share: which weights train, and the mix of datasets they learn from."""
+
+    data: str | list[str]
+    data_weights: list[float] | None = Field(
+        None, description="relative sampling weight of each dataset in `data`; none: use every row of each once")
+    data_stopping_strategy: Literal["all_exhausted", "first_exhausted", "all_exhausted_without_replacement"] = Field(
+        "all_exhausted", description="with data_weights: when the mix ends (datasets.interleave_datasets); "
+                                     "all_exhausted repeats the smaller sets so every row is seen")
+    train: FineTuneTrainConfig = FineTuneTrainConfig()
+    mode: Literal["lora", "qlora", "full", "freeze", "peft"] = "lora"
     lora: LoraConfig = LoraConfig()
+    freeze: FreezeConfig = FreezeConfig()
+    peft: PeftMethodConfig = PeftMethodConfig()
+
+    @property
+    def data_refs(self) -> list[str]:
+        return [self.data] if isinstance(self.data, str) else list(self.data)
+
+    @model_validator(mode="after")
+    def _consistent_finetune(self) -> FineTuneConfig:
+        refs = self.data_refs
+        if not refs:
+            raise ValueError("data is an empty list; name at least one dataset, e.g. data=[sft:latest]")
+        if len(set(refs)) < len(refs):
+            raise ValueError(f"data lists a dataset twice ({', '.join(refs)}); give each once and weight it "
+                             "with data_weights instead")
+        if self.data_weights is not None:
+            if len(self.data_weights) != len(refs):
+                raise ValueError(f"data_weights has {len(self.data_weights)} weight(s) but data names {len(refs)} "
+                                 f"dataset(s); give one weight per dataset, e.g. data=[a:latest, b:latest] "
+                                 "data_weights=[0.7, 0.3]")
+            if any(w <= 0 for w in self.data_weights):
+                raise ValueError(f"data_weights must all be positive (got {self.data_weights}); "
+                                 "leave a dataset out of data instead of giving it weight 0")
+        elif self.data_stopping_strategy != "all_exhausted":
+            raise ValueError("data_stopping_strategy applies only with data_weights; remove it or add data_weights")
+        # A section for another mode would be ignored; say so rather than train something else.
+        # (Compared with the defaults, not with what was set, so a dumped config loads again.)
+        for section, default in (("freeze", FreezeConfig()), ("peft", PeftMethodConfig())):
+            if getattr(self, section) != default and self.mode != section:
+                raise ValueError(f"{section}.* settings apply only to mode={section}, but mode={self.mode}; "
+                                 f"add mode={section} or remove the {section} settings")
+        if self.mode == "freeze" and self.freeze.trainable_layers is None:
+            raise ValueError("mode=freeze needs freeze.trainable_layers=N: how many top transformer blocks train "
+                             "(0 = the head only)")
+        if self.mode == "peft" and self.peft.method is None:
+            raise ValueError("mode=peft needs peft.method: a peft method such as ia3, prompt_tuning or loha")
+        return self
+
+
+class SFTConfig(FineTuneConfig):
+    model: str = "base:latest"
+    data: str | list[str] = "sft:latest"
+    output: str = "sft"
     max_length: int = Field(512, ge=8, description="tokens per example; longer ones are truncated")
     merge: bool = Field(False, description="merge the LoRA adapter into the weights before saving")
     trl: dict[str, Any] = Field(default_factory=dict, description="passed through to trl.SFTConfig")
 
     @model_validator(mode="after")
     def _consistent(self) -> SFTConfig:
-        if self.mode == "full" and self.merge:
-            raise ValueError("merge=true only applies to mode=lora or mode=qlora; remove it for mode=full")
+        if self.merge and self.mode not in ADAPTER_MODES:
+            raise ValueError(f"merge=true only applies to the adapter modes (lora, qlora, peft); mode={self.mode} "
+                             "already saves full weights, so remove merge=true")
         return self
 
 
-class RewardConfig(StageConfig):
+class RewardConfig(FineTuneConfig):
     model: str = "sft:latest"
-    data: str = "preferences:latest"
+    data: str | list[str] = "preferences:latest"
     output: str = "reward"
-    mode: Literal["lora", "full", "qlora"] = "lora"
-    lora: LoraConfig = LoraConfig()
     max_length: int = Field(512, ge=8, description="tokens per prompt+response; longer pairs are dropped and counted")
     use_margin: bool = Field(True, description="use the dataset's margin column where every row has one")
     center_coef: float = Field(0.0, ge=0, description="weight of the reward-centering term mean((r_c+r_r)^2)")
@@ -139,6 +225,9 @@ class PPOHyperparameters(Section):
     missing_eos_penalty: float = Field(1.0, ge=0, description="subtracted from the score of a response cut off without EOS")
     value_init: Literal["reward", "zero"] = Field(
         "reward", description="value head start: the reward model's normalised score head, or zeros (V = 0)")
+    merged_sampler: bool = Field(
+        True, description="sample from a copy with the adapter merged, in the compute dtype (about 2x the tokens/s); "
+                          "false samples through the adapter (always so for qlora and sharded training)")
 
 
 class PPOConfig(StageConfig):
@@ -264,6 +353,8 @@ def format_validation_error(e: ValidationError, cls: type[BaseModel]) -> str:
             hint = (f"; did you mean {', '.join(repr(c) for c in close)}?" if close
                     else f"; valid keys: {', '.join(keys)}")
             parts.append(f"unknown key {loc!r}{hint}")
+        elif err["type"] == "value_error":  # our validators' messages already name the keys
+            parts.append(err["msg"].removeprefix("Value error, "))
         elif loc:
             parts.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
         else:

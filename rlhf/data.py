@@ -307,3 +307,24 @@ def split_pairs(dataset: Artifact, rows: list[dict], eval_fraction: float, seed:
                         f"train.eval_fraction={eval_fraction}; {stage} needs at least 2 pairs and at least one "
                         "held-out pair (import more pairs or raise train.eval_fraction)")
     return Dataset.from_list([{k: r[k] for k in columns} for r in rows]).train_test_split(test_size=n_eval, seed=seed)
+
+
+def mix(splits: list, weights: list[float] | None, seed: int, stopping_strategy: str = "all_exhausted"):
+    """One train/test `DatasetDict` from several: train parts mixed, test parts pooled.
+
+    With `weights` (relative, any positive numbers) a training example comes from dataset i
+    with probability w_i / Σw (`datasets.interleave_datasets`); without, the train parts are
+    concatenated. One split is returned as it is.
+    """
+    from datasets import DatasetDict, concatenate_datasets, interleave_datasets
+
+    if len(splits) == 1:
+        return splits[0]
+    trains = [s["train"] for s in splits]
+    if weights is None:
+        train = concatenate_datasets(trains)  # the trainer's sampler shuffles
+    else:
+        total = sum(weights)
+        train = interleave_datasets(trains, probabilities=[w / total for w in weights], seed=seed,
+                                    stopping_strategy=stopping_strategy)
+    return DatasetDict(train=train, test=concatenate_datasets([s["test"] for s in splits]))

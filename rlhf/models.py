@@ -145,10 +145,14 @@ def check_policy(art: Artifact) -> Artifact:
     return art
 
 
-def load_causal_lm(store: ArtifactStore, art: Artifact, mode: str = "lora", **kwargs: Any):
+def load_causal_lm(store: ArtifactStore, art: Artifact, mode: str = "lora", sampling_only: bool = False,
+                   **kwargs: Any):
     """Load a checkpoint as plain weights, merging adapters down the lineage.
 
     `mode="qlora"` loads the weights in 4-bit NF4 (bitsandbytes) for training an adapter on top.
+    A prompt-learning adapter (prompt tuning and kin) has virtual tokens that cannot be merged
+    into weights; with `sampling_only` it comes back as the peft model, which can generate,
+    and otherwise it is refused.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -156,12 +160,18 @@ def load_causal_lm(store: ArtifactStore, art: Artifact, mode: str = "lora", **kw
     check_mode(mode)
     check_policy(art)
     if is_adapter(art):
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel
 
         if mode == "qlora":
             raise RlhfError(f"{art.ref} is a LoRA adapter; merge it first (rlhf sft ... merge=true) to train QLoRA on it")
-        base = load_causal_lm(store, base_of(store, art), **kwargs)
-        return PeftModel.from_pretrained(base, art.path).merge_and_unload()
+        base_art = base_of(store, art)
+        adapter = PeftConfig.from_pretrained(art.path)
+        if adapter.is_prompt_learning and not sampling_only:
+            raise RlhfError(f"{art.ref} is a {str(adapter.peft_type.value).lower()} adapter, whose virtual tokens "
+                            f"cannot be merged into weights; it can generate (rlhf generate, compare) but not be "
+                            f"trained on: start from {base_art.ref} instead")
+        model = PeftModel.from_pretrained(load_causal_lm(store, base_art, **kwargs), art.path)
+        return model if adapter.is_prompt_learning else model.merge_and_unload()
     if mode == "qlora":
         from transformers import BitsAndBytesConfig
 

@@ -13,10 +13,11 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from rlhf.artifacts import Artifact
-from rlhf.config import TrainConfig
+from rlhf.artifacts import Artifact, ArtifactStore
+from rlhf.config import FineTuneTrainConfig, TrainConfig
+from rlhf.errors import RlhfError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def trainer_kwargs(train: TrainConfig, scratch: Path, precision: str, has_eval: 
     """The `transformers.TrainingArguments` fields our `train:` section maps to."""
     import torch
 
-    return {
+    kwargs = {
         "output_dir": str(scratch),
         "max_steps": train.max_steps,
         "num_train_epochs": train.epochs,
@@ -72,6 +73,47 @@ def trainer_kwargs(train: TrainConfig, scratch: Path, precision: str, has_eval: 
         "report_to": [],
         "disable_tqdm": False,
     }
+    if isinstance(train, FineTuneTrainConfig) and train.early_stopping_patience is not None:
+        kwargs.update({
+            "load_best_model_at_end": True,
+            "metric_for_best_model": "eval_loss",
+            "greater_is_better": False,
+            # A checkpoint at each new best eval_loss, so the best is on disk to restore at the end
+            # (with fixed save_steps the best step may fall between saves and be lost).
+            "save_strategy": "best",
+            # A resumed run keeps its count of evaluations without improvement.
+            "restore_callback_states_from_checkpoint": True,
+        })
+    return kwargs
+
+
+def callbacks(train: TrainConfig) -> list:
+    """Trainer callbacks for the `train:` section: early stopping on eval_loss when asked for."""
+    if not isinstance(train, FineTuneTrainConfig) or train.early_stopping_patience is None:
+        return []
+    from transformers import EarlyStoppingCallback
+
+    return [EarlyStoppingCallback(train.early_stopping_patience, train.early_stopping_threshold)]
+
+
+def stop_metrics(trainer, train: TrainConfig) -> dict[str, Any]:
+    """At which step and why training stopped; with early stopping, the best step it restored."""
+    from transformers import EarlyStoppingCallback
+
+    state = trainer.state
+    stopper = next((c for c in trainer.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback)), None)
+    if stopper and stopper.early_stopping_patience_counter >= stopper.early_stopping_patience:
+        reason = (f"early stopping: eval_loss did not improve by more than {stopper.early_stopping_threshold} "
+                  f"for {stopper.early_stopping_patience} evaluation(s) in a row")
+    elif train.max_steps > 0:
+        reason = f"max_steps={train.max_steps} reached"
+    else:
+        reason = f"epochs={train.epochs:g} completed"
+    out: dict[str, Any] = {"stopped_at_step": state.global_step, "stop_reason": reason}
+    if stopper:
+        out.update({"best_step": state.best_global_step, "best_eval_loss": state.best_metric,
+                    "restored_best_checkpoint": state.best_model_checkpoint is not None})
+    return out
 
 
 def peak_memory_mb() -> float:
@@ -152,13 +194,25 @@ def run_metrics(trainer, run: TrainRun, precision: str) -> dict[str, Any]:
     }
 
 
-def check_inputs(cfg, store, library_config: type, schema: str):
-    """Everything a TRL stage can fail on before any work: pass-through keys, mode, precision,
-    a writable workspace, the refs and the dataset's schema.
+@dataclass
+class Inputs:
+    """A TRL stage's checked inputs: the precision to train in, the model, each dataset and its rows."""
 
-    Returns (precision, model artifact, data artifact, rows).
+    precision: str
+    model: Artifact
+    datasets: list[Artifact]
+    rows: list[list[dict]]
+
+
+def prepare_inputs(cfg, store: ArtifactStore, library_config: type, schema: str,
+                   task_type: str | None = None) -> Inputs:
+    """Everything a TRL stage can fail on before any work: pass-through keys, mode, precision,
+    a writable workspace, the refs and each dataset's schema.
+
+    With `task_type` ("CAUSAL_LM" or "SEQ_CLS") the training mode is checked against the model
+    as well (peft options, freeze.trainable_layers).
     """
-    from rlhf import data, models
+    from rlhf import data, finetune, models
     from rlhf.config import check_passthrough
 
     check_passthrough("trl", cfg.trl, library_config)
@@ -166,5 +220,36 @@ def check_inputs(cfg, store, library_config: type, schema: str):
     precision = models.resolve_precision(cfg.train.precision)
     store.check_writable()
     model = store.resolve(cfg.model, kind="checkpoint")
-    dataset = store.resolve(cfg.data, kind="dataset")
-    return precision, model, dataset, data.load_rows(dataset, schema=schema)
+    refs = [cfg.data] if isinstance(cfg.data, str) else list(cfg.data)
+    datasets = [store.resolve(ref, kind="dataset") for ref in refs]
+    if task_type:
+        finetune.check(cfg, store, model, task_type)
+    return Inputs(precision, model, datasets, [data.load_rows(d, schema=schema) for d in datasets])
+
+
+def check_inputs(cfg, store: ArtifactStore, library_config: type, schema: str):
+    """`prepare_inputs` for a stage with one dataset; returns (precision, model artifact, data artifact, rows)."""
+    inputs = prepare_inputs(cfg, store, library_config, schema)
+    return inputs.precision, inputs.model, inputs.datasets[0], inputs.rows[0]
+
+
+def split_and_mix(inputs: Inputs, cfg, split: Callable[[Artifact, list[dict]], Any]):
+    """Split every dataset into train/test with `split`, then mix: returns (DatasetDict, facts for the manifest).
+
+    Each dataset is split before mixing, so that a row the weighted mix repeats can never be on
+    both sides, and the held-out set is every dataset's own held-out rows, unweighted.
+    """
+    from rlhf import data
+
+    splits = [split(ds, rows) for ds, rows in zip(inputs.datasets, inputs.rows)]
+    weights = cfg.data_weights if len(splits) > 1 else None
+    try:
+        mixed = data.mix(splits, weights, cfg.train.seed, cfg.data_stopping_strategy)
+    except ValueError as e:
+        raise RlhfError(f"cannot mix {', '.join(d.ref for d in inputs.datasets)}: {' '.join(str(e).split())[:300]}"
+                        " (the datasets need the same columns)") from None
+    total = sum(weights) if weights else None
+    facts = [{"ref": ds.ref, "weight": w / total if total else None, "train_rows": len(s["train"]),
+              "eval_rows": len(s["test"])}
+             for ds, s, w in zip(inputs.datasets, splits, weights or [None] * len(splits))]
+    return mixed, facts

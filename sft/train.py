@@ -3,6 +3,11 @@
     rlhf sft                                         # base:latest + sft:latest -> checkpoints/sft/vK
     rlhf sft --config configs/sft.yaml train.max_steps=20 lora.r=8
     rlhf sft mode=full train.learning_rate=2e-5
+    rlhf sft mode=freeze freeze.trainable_layers=2           # top 2 blocks + head; the rest frozen
+    rlhf sft mode=peft peft.method=ia3                        # any peft method, options as peft.KEY=VALUE
+    rlhf sft data=[support:latest,chitchat:v2] data_weights=[0.7,0.3]
+    rlhf sft model=sft:v1 data=support:latest                 # sequential: SFT from an SFT checkpoint
+    rlhf sft train.eval_steps=10 train.early_stopping_patience=3
     accelerate launch --num_processes 2 --cpu -m rlhf.cli sft train.max_steps=10
 
 Loss is on the completion only. A killed run resumes from its last trainer checkpoint in
@@ -13,7 +18,7 @@ from __future__ import annotations
 
 import shutil
 
-from rlhf import models, training
+from rlhf import finetune, models, training
 from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.config import SFTConfig, dump
 from rlhf.errors import RlhfError
@@ -24,36 +29,36 @@ def main(cfg: SFTConfig, store: ArtifactStore) -> Artifact | None:
     from datasets import Dataset
 
     # 1. Check everything that can fail before any work is done.
-    precision, base, dataset, rows = training.check_inputs(cfg, store, trl.SFTConfig, schema="sft")
-    if len(rows) < 2:
-        raise RlhfError(f"{dataset.ref} has {len(rows)} row(s); SFT needs at least 2 (one to train, one to evaluate)")
+    inputs = training.prepare_inputs(cfg, store, trl.SFTConfig, schema="sft", task_type="CAUSAL_LM")
+    base = inputs.model
+    for dataset, rows in zip(inputs.datasets, inputs.rows):
+        if len(rows) < 2:
+            raise RlhfError(f"{dataset.ref} has {len(rows)} row(s); SFT needs at least 2 per dataset "
+                            "(one to train, one to evaluate)")
 
-    # 2. Split off a held-out set, the same one on every run with this seed.
-    split = Dataset.from_list(rows).train_test_split(test_size=cfg.train.eval_fraction, seed=cfg.train.seed)
+    # 2. Split off a held-out set per dataset, the same one on every run with this seed; mix the rest.
+    split, data_mix = training.split_and_mix(inputs, cfg, lambda _, rows: Dataset.from_list(rows).train_test_split(
+        test_size=cfg.train.eval_fraction, seed=cfg.train.seed))
 
-    # 3. Model, tokenizer, adapter.
+    # 3. Model, tokenizer, and the training mode: an adapter config, or frozen layers.
     tokenizer = models.load_tokenizer(base)
     if not tokenizer.chat_template:
         raise RlhfError(f"{base.ref} has no chat template; SFT on conversations needs one in its tokenizer")
     model = models.load_causal_lm(store, base, mode=cfg.mode)
-    peft_config = None
-    if cfg.mode in ("lora", "qlora"):
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                 target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    peft_config, mode_facts = finetune.prepare(cfg, model, task_type="CAUSAL_LM")
 
     # 4. Train, resuming from the scratch checkpoints of an identical earlier run if any.
     config = dump(cfg)
-    scratch = store.scratch_dir("sft", training.run_id(config, [base, dataset]))
+    scratch = store.scratch_dir("sft", training.run_id(config, [base, *inputs.datasets]))
     args = trl.SFTConfig(
-        **training.trainer_kwargs(cfg.train, scratch, precision, has_eval=True),
+        **training.trainer_kwargs(cfg.train, scratch, inputs.precision, has_eval=True),
         max_length=cfg.max_length,
         completion_only_loss=True,
         **cfg.trl,
     )
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
-                             processing_class=tokenizer, peft_config=peft_config)
+                             processing_class=tokenizer, peft_config=peft_config,
+                             callbacks=training.callbacks(cfg.train))
     eval_loss_initial = trainer.evaluate()["eval_loss"]
     run = training.train_resumable(trainer, scratch)
     final_eval = trainer.evaluate()
@@ -62,7 +67,7 @@ def main(cfg: SFTConfig, store: ArtifactStore) -> Artifact | None:
     trainer.accelerator.wait_for_everyone()
     if not trainer.accelerator.is_main_process:
         return None
-    metrics = training.run_metrics(trainer, run, precision)
+    metrics = training.run_metrics(trainer, run, inputs.precision)
     out_model = trainer.model
     if cfg.merge:
         out_model = out_model.merge_and_unload()
@@ -71,14 +76,17 @@ def main(cfg: SFTConfig, store: ArtifactStore) -> Artifact | None:
         tokenizer.save_pretrained(w.path)
         training.save_logs(trainer.state.log_history, w.path / "logs")
         w.add_input("model", base)
-        w.add_input("data", dataset)
+        for dataset in inputs.datasets:
+            w.add_input("data", dataset)
         w.metrics.update({
             "eval_loss_initial": eval_loss_initial,
             "eval_loss": final_eval["eval_loss"],
             "train_rows": len(split["train"]),
             "eval_rows": len(split["test"]),
-            "mode": cfg.mode,
+            **({"data_mix": data_mix} if len(data_mix) > 1 else {}),
+            **mode_facts,
             "merged": cfg.merge,
+            **training.stop_metrics(trainer, cfg.train),
             **metrics,
         })
     shutil.rmtree(scratch, ignore_errors=True)

@@ -193,12 +193,61 @@ def test_out_of_range_value_names_the_key():
 def test_full_mode_with_merge_is_a_contradiction():
     message = config_error(SFTConfig, overrides=["mode=full", "merge=true"])
 
-    assert "merge=true only applies to mode=lora or mode=qlora" in message
+    assert "merge=true only applies to the adapter modes (lora, qlora, peft)" in message
     assert "Value error" not in message
 
 
 def test_merge_with_lora_is_fine():
     assert load_config(SFTConfig, overrides=["mode=lora", "merge=true"]).merge is True
+
+
+# -- fine-tuning modes, data mixes, early stopping ----------------------------------------------
+
+
+def test_peft_options_pass_through_and_round_trip():
+    cfg = load_config(SFTConfig, overrides=["mode=peft", "peft.method=prompt_tuning", "peft.num_virtual_tokens=8"])
+
+    assert cfg.peft.method == "prompt_tuning"
+    assert cfg.peft.options == {"num_virtual_tokens": 8}
+    assert SFTConfig.model_validate(dump(cfg)) == cfg
+
+
+def test_a_list_of_datasets_with_weights():
+    cfg = load_config(SFTConfig, overrides=["data=[a:latest, b:v2]", "data_weights=[0.7, 0.3]"])
+
+    assert cfg.data_refs == ["a:latest", "b:v2"]
+    assert cfg.data_weights == [0.7, 0.3]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["data=[a:latest, b:v2]", "data_weights=[0.7, 0.2, 0.1]"],
+     "data_weights has 3 weight(s) but data names 2 dataset(s); give one weight per dataset"),
+    (["data_weights=[0.5, 0.5]"], "data_weights has 2 weight(s) but data names 1 dataset(s)"),
+    (["data=[a:latest, b:v2]", "data_weights=[1, 0]"], "data_weights must all be positive"),
+    (["data=[a:latest, a:latest]"], "data lists a dataset twice"),
+    (["data=[]"], "data is an empty list"),
+    (["data_stopping_strategy=first_exhausted"], "data_stopping_strategy applies only with data_weights"),
+    (["freeze.trainable_layers=2"], "freeze.* settings apply only to mode=freeze, but mode=lora; add mode=freeze"),
+    (["peft.method=ia3"], "peft.* settings apply only to mode=peft, but mode=lora; add mode=peft"),
+    (["mode=freeze", "freeze.trainable_layers=-1"], "freeze.trainable_layers:"),
+    (["mode=freeze", "freeze.trainable_layers=1", "merge=true"], "merge=true only applies to the adapter modes"),
+    (["mode=freeze"], "mode=freeze needs freeze.trainable_layers=N"),
+    (["mode=peft"], "mode=peft needs peft.method"),
+    (["train.early_stopping_patience=3"], "train.early_stopping_patience needs evaluations during training; "
+                                          "set train.eval_steps too"),
+    (["train.early_stoping_patience=3"], "did you mean 'train.early_stopping_patience'"),
+])
+def test_bad_finetune_settings_are_one_line_errors_that_name_the_fix(overrides, expected):
+    message = config_error(SFTConfig, overrides=overrides)
+
+    assert expected in message
+    assert "Value error" not in message
+
+
+def test_early_stopping_with_evaluations_loads():
+    cfg = load_config(SFTConfig, overrides=["train.eval_steps=5", "train.early_stopping_patience=2"])
+
+    assert cfg.train.early_stopping_patience == 2
 
 
 # -- bad files and bad overrides --------------------------------------------------------------
