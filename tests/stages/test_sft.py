@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import rlhf
+from conftest import DEMO_DATA, rlhf
 
 FAST = ["train.batch_size=8", "max_length=256", "train.logging_steps=2"]
 
@@ -143,3 +143,74 @@ def test_sft_runs_under_accelerate_launch_with_two_cpu_processes(tiny_ws):
     metrics = manifest(tiny_ws)["metrics"]
     assert metrics["processes"] == 2
     assert metrics["eval_loss"] < metrics["eval_loss_initial"]
+
+
+def test_sequential_sft_starts_where_the_previous_run_ended_and_shows_in_the_lineage(tiny_ws):
+    assert rlhf(tiny_ws, "sft", "train.max_steps=10", "train.learning_rate=1e-2", *FAST) == 0
+    assert rlhf(tiny_ws, "sft", "model=sft:v1", "train.max_steps=10", "train.learning_rate=1e-2", *FAST) == 0
+    first, second = manifest(tiny_ws)["metrics"], manifest(tiny_ws, version=2)["metrics"]
+    # Same data and seed -> the same held-out rows: the second run starts at the first one's end.
+    assert second["eval_loss_initial"] == pytest.approx(first["eval_loss"], rel=1e-3)
+    assert second["eval_loss"] < second["eval_loss_initial"] < first["eval_loss_initial"]
+    from rlhf.artifacts import ArtifactStore
+
+    lines = ArtifactStore(tiny_ws).lineage("checkpoints/sft:v2").splitlines()
+    assert lines[0].startswith("checkpoints/sft:v2  [sft]")
+    assert any("model: checkpoints/sft:v1  [sft]" in line for line in lines)
+    assert any("model: checkpoints/base:v1  [base import]" in line for line in lines)
+
+
+def test_two_datasets_mix_by_weight_and_both_are_inputs(tiny_ws, tmp_path):
+    # A second task: the same prompts, always answered with one fixed sign-off.
+    rows = [json.loads(line) for line in (DEMO_DATA / "support_sft.jsonl").read_text().splitlines()[:60]]
+    signoff = tmp_path / "signoff.jsonl"
+    signoff.write_text("".join(json.dumps({"messages": r["messages"][:-1] + [
+        {"role": "assistant", "content": "Thanks for reaching out. Have a lovely day!"}]}) + "\n" for r in rows))
+    assert rlhf(tiny_ws, "data", "import", "sft", str(signoff), "--name", "signoff") == 0
+
+    assert rlhf(tiny_ws, "sft", "data=[sft:v1, signoff:latest]", "data_weights=[0.7, 0.3]", "train.max_steps=20",
+                "train.learning_rate=1e-2", *FAST) == 0
+    m = manifest(tiny_ws)
+    assert [(i["role"], i["ref"]) for i in m["inputs"]] == [
+        ("model", "checkpoints/base:v1"), ("data", "datasets/sft:v1"), ("data", "datasets/signoff:v1")]
+    mix = m["metrics"]["data_mix"]
+    assert [d["ref"] for d in mix] == ["datasets/sft:v1", "datasets/signoff:v1"]
+    assert [d["weight"] for d in mix] == pytest.approx([0.7, 0.3])
+    # Held out per dataset, pooled unweighted; every training row of both is used at least once.
+    assert m["metrics"]["eval_rows"] == sum(d["eval_rows"] for d in mix) == 24 + 6
+    assert m["metrics"]["train_rows"] >= sum(d["train_rows"] for d in mix)
+    assert m["metrics"]["eval_loss"] < 0.93 * m["metrics"]["eval_loss_initial"]
+    from rlhf.artifacts import ArtifactStore
+
+    lineage = ArtifactStore(tiny_ws).lineage("checkpoints/sft:v1")
+    assert "data: datasets/sft:v1" in lineage and "data: datasets/signoff:v1" in lineage
+
+
+def test_early_stopping_keeps_the_best_checkpoint_of_an_overfitting_run(tiny_ws, tmp_path):
+    # 24 rows, full fine-tuning at a high learning rate: held-out loss bottoms out, then rises.
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join((DEMO_DATA / "support_sft.jsonl").read_text().splitlines()[:24]) + "\n")
+    assert rlhf(tiny_ws, "data", "import", "sft", str(small), "--name", "small") == 0
+    assert rlhf(tiny_ws, "sft", "data=small:latest", "mode=full", "train.max_steps=200", "train.learning_rate=1e-2",
+                "train.batch_size=4", "train.eval_fraction=0.25", "train.eval_steps=3",
+                "train.early_stopping_patience=2", "max_length=256", "train.logging_steps=3") == 0
+    m = manifest(tiny_ws)["metrics"]
+    log = [json.loads(line) for line in (tiny_ws / "checkpoints/sft/v0001/logs/train_log.jsonl").read_text().splitlines()]
+    evals = [(e["step"], e["eval_loss"]) for e in log if "eval_loss" in e][:-1]  # the last one is the final evaluate()
+    best_step, best = min(evals, key=lambda e: e[1])
+
+    assert m["stop_reason"].startswith("early stopping: eval_loss did not improve")
+    assert m["stopped_at_step"] == m["steps"] < 200
+    # It stopped `patience` evaluations after the best one, and the published weights are the best ones.
+    assert m["best_step"] == best_step and m["stopped_at_step"] == best_step + 2 * 3
+    assert all(loss >= best for step, loss in evals if step > best_step)
+    assert m["restored_best_checkpoint"] is True
+    assert m["eval_loss"] == pytest.approx(best, rel=1e-4) == pytest.approx(m["best_eval_loss"], rel=1e-4)
+    assert m["eval_loss"] < m["eval_loss_initial"]
+    assert not any((tiny_ws / ".scratch").glob("sft-*"))
+
+
+def test_without_early_stopping_the_manifest_says_the_budget_ran_out(tiny_ws):
+    assert rlhf(tiny_ws, "sft", "train.max_steps=2", *FAST) == 0
+    m = manifest(tiny_ws)["metrics"]
+    assert (m["stopped_at_step"], m["stop_reason"]) == (2, "max_steps=2 reached")

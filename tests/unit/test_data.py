@@ -455,3 +455,46 @@ def test_demo_data_is_valid_and_held_out_prompts_do_not_leak():
     assert user_texts(heldout) & user_texts(sft) == set()
     assert user_texts(heldout) & user_texts(prompts) == set()
     assert {r["prompt_id"] for r in heldout}.isdisjoint(r["prompt_id"] for r in prompts)
+
+
+# -- mixing datasets -----------------------------------------------------------------------------
+
+
+def _split(name: str, n_train: int, n_test: int):
+    from datasets import Dataset, DatasetDict
+
+    rows = lambda part, n: Dataset.from_list([{"source": name, "part": part, "i": i} for i in range(n)])
+    return DatasetDict(train=rows("train", n_train), test=rows("test", n_test))
+
+
+def test_mix_samples_training_rows_by_weight_and_uses_every_row():
+    from rlhf.data import mix
+
+    mixed = mix([_split("a", 300, 30), _split("b", 30, 3)], [0.75, 0.25], seed=0)
+
+    train = mixed["train"]
+    share_b = sum(s == "b" for s in train["source"]) / len(train)
+    assert share_b == pytest.approx(0.25, abs=0.05)  # the weight, not b's 9% share of the rows
+    # all_exhausted: every row of the larger set appears; the smaller set repeats to keep its share.
+    assert {i for s, i in zip(train["source"], train["i"]) if s == "a"} == set(range(300))
+    assert len(train) > 330
+    # Held-out rows are pooled as they are: no weighting, no repeats, no training rows.
+    assert sorted(zip(mixed["test"]["source"], mixed["test"]["i"])) == (
+        [("a", i) for i in range(30)] + [("b", i) for i in range(3)])
+    assert set(mixed["test"]["part"]) == {"test"}
+
+
+def test_mix_without_weights_concatenates_and_relative_weights_need_not_sum_to_one():
+    from rlhf.data import mix
+
+    plain = mix([_split("a", 10, 2), _split("b", 5, 1)], None, seed=0)
+    assert len(plain["train"]) == 15 and len(plain["test"]) == 3
+    one, scaled = (mix([_split("a", 50, 2), _split("b", 50, 2)], w, seed=3)["train"] for w in ([0.5, 0.5], [2, 2]))
+    assert one["source"] == scaled["source"]
+
+
+def test_mix_of_one_dataset_is_that_dataset():
+    from rlhf.data import mix
+
+    split = _split("a", 10, 2)
+    assert mix([split], None, seed=0) is split
