@@ -57,11 +57,18 @@ def _trainer_class():
     return PairwiseRewardTrainer
 
 
+def check(cfg: RewardConfig, store: ArtifactStore) -> training.Inputs:
+    """Everything that can fail before any work is done (also run on every trial of a sweep first)."""
+    import trl
+
+    return training.prepare_inputs(cfg, store, trl.RewardConfig, schema="preferences", task_type="SEQ_CLS")
+
+
 def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
     import trl
 
     # 1. Check everything that can fail before any work is done.
-    inputs = training.prepare_inputs(cfg, store, trl.RewardConfig, schema="preferences", task_type="SEQ_CLS")
+    inputs = check(cfg, store)
     init = inputs.model
 
     # 2. A held-out split per dataset that the model never trains on, the same for the same seed.

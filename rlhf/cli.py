@@ -3,6 +3,7 @@
     rlhf base import [PATH]                       # packaged SmolLM2-135M-Instruct, or a local checkpoint
     rlhf data import sft FILE [--name N] [--skip-invalid]
     rlhf data import preferences FILE [--format trl|hh]
+    rlhf data import sft FILE --normalize-whitespace --drop-empty-turns --dedup near --max-tokens 512
     rlhf generate model=sft:latest data=prompts:latest k=4 sampling.temperature=0.8
     rlhf sft [--config configs/sft.yaml] train.max_steps=20
     rlhf reward [--config configs/reward.yaml] model=sft:latest data=preferences:latest
@@ -10,6 +11,8 @@
     rlhf dpo [--config configs/dpo.yaml] model=sft:latest data=preferences:latest
     rlhf ppo [--config configs/ppo.yaml] model=sft:latest reward=reward:latest data=prompts:latest
     rlhf compare sft:latest dpo:latest ppo:latest data=heldout:latest judge=gold,reward:latest
+    rlhf sweep sft [--config F] lora.r=8,16 train.learning_rate=1e-4,5e-5 [--search grid|random|tpe --trials N
+                   --metric eval_loss --direction minimize|maximize]
     rlhf label users add NAME | load candidates:vK | load-ab A B | serve | export | status
     rlhf artifacts list | show REF | lineage REF | verify REF
     rlhf demo [--quick]
@@ -45,11 +48,16 @@ STAGES: dict[str, tuple[type, str]] = {
 }
 
 
-def _stage_runner(name: str) -> Callable:
+# Training stages a sweep can search over; each publishes a checkpoint with metrics.
+SWEEPABLE = ("sft", "reward", "dpo", "ppo")
+
+
+def _stage_runner(name: str, func: str | None = None) -> Callable | None:
+    """The stage's entry point, or another function of its module by name (None if it has none)."""
     import importlib
 
-    module, func = STAGES[name][1].split(":")
-    return getattr(importlib.import_module(module), func)
+    module, main = STAGES[name][1].split(":")
+    return getattr(importlib.import_module(module), func or main, None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(stage, parents=[common], help=f"run the {stage} stage")
         sp.add_argument("--config", help=f"YAML config (see configs/{stage}.yaml)")
         sp.add_argument("overrides", nargs="*", metavar="REF" if stage == "compare" else "key=value")
+
+    sweep = sub.add_parser("sweep", parents=[common], help="grid, random or TPE search over a training stage")
+    sweep_sub = sweep.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for stage in SWEEPABLE:
+        sp = sweep_sub.add_parser(stage, parents=[common], help=f"sweep the {stage} stage")
+        sp.add_argument("--config", help=f"YAML config shared by every trial (see configs/{stage}.yaml)")
+        sp.add_argument("--search", choices=["grid", "random", "tpe"], default="grid")
+        sp.add_argument("--trials", type=int, help="random and tpe: how many configs to try")
+        sp.add_argument("--metric", default="eval_loss", help="a metric in the trials' manifests (default eval_loss)")
+        sp.add_argument("--direction", choices=["minimize", "maximize"],
+                        help="default: minimize a metric whose name ends in 'loss', else maximize")
+        sp.add_argument("--seed", type=int, default=0, help="random and tpe: the sampler's seed")
+        sp.add_argument("--name", default="sweep", help="report name -> reports/NAME/vK")
+        sp.add_argument("overrides", nargs="*", metavar="key=v1,v2")
 
     art = sub.add_parser("artifacts", parents=[common], help="inspect the artifact store")
     art_sub = art.add_subparsers(dest="action", required=True)
@@ -125,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
         if art is not None:
             print(f"wrote {art.ref} -> {art.path}")
             print(json.dumps({k: v for k, v in art.manifest["metrics"].items() if isinstance(v, (int, float))}))
+    elif args.command == "sweep":
+        return _sweep(store, args)
     elif args.command == "artifacts":
         return _artifacts(store, args)
     elif args.command == "label":
@@ -135,6 +159,28 @@ def run(args: argparse.Namespace) -> int:
         from rlhf.demo import run_demo
 
         run_demo(store, quick=args.quick)
+    return 0
+
+
+def _sweep(store: ArtifactStore, args: argparse.Namespace) -> int:
+    import shlex
+
+    from rlhf.sweep import Sweep, parse_axes, run_sweep
+
+    fixed, axes = parse_axes(args.overrides)
+    sweep = Sweep(args.stage, STAGES[args.stage][0], args.config, fixed, axes)
+    command = shlex.join(["rlhf", "sweep", args.stage, *(["--config", args.config] if args.config else []),
+                          *args.overrides, "--search", args.search,
+                          *(["--trials", str(args.trials)] if args.trials else []), "--metric", args.metric,
+                          *(["--direction", args.direction] if args.direction else []),
+                          *(["--seed", str(args.seed)] if args.search != "grid" else [])])
+    art = run_sweep(store, sweep, _stage_runner(args.stage), _stage_runner(args.stage, "check"),
+                    search=args.search, trials=args.trials, metric=args.metric, direction=args.direction,
+                    seed=args.seed, name=args.name, command=command)
+    m = art.manifest["metrics"]
+    print(f"wrote {art.ref} -> {art.path}")
+    print(f"best: {m['best_ref']} ({m['metric']}={m['best_value']:.4g}); {m['trained']} trial(s) trained, "
+          f"{m['reused']} reused")
     return 0
 
 
@@ -174,7 +220,14 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("RLHF_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse ends a positional list at the first option, so `key=value` overrides written after
+    # an option (`rlhf sweep sft lora.r=8,16 --search grid train.max_steps=6`) come back unparsed.
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return run(args)
     except RlhfError as e:

@@ -24,17 +24,25 @@ from rlhf.config import SFTConfig, dump
 from rlhf.errors import RlhfError
 
 
+def check(cfg: SFTConfig, store: ArtifactStore) -> training.Inputs:
+    """Everything that can fail before any work is done (also run on every trial of a sweep first)."""
+    import trl
+
+    inputs = training.prepare_inputs(cfg, store, trl.SFTConfig, schema="sft", task_type="CAUSAL_LM")
+    for dataset, rows in zip(inputs.datasets, inputs.rows):
+        if len(rows) < 2:
+            raise RlhfError(f"{dataset.ref} has {len(rows)} row(s); SFT needs at least 2 per dataset "
+                            "(one to train, one to evaluate)")
+    return inputs
+
+
 def main(cfg: SFTConfig, store: ArtifactStore) -> Artifact | None:
     import trl
     from datasets import Dataset
 
     # 1. Check everything that can fail before any work is done.
-    inputs = training.prepare_inputs(cfg, store, trl.SFTConfig, schema="sft", task_type="CAUSAL_LM")
+    inputs = check(cfg, store)
     base = inputs.model
-    for dataset, rows in zip(inputs.datasets, inputs.rows):
-        if len(rows) < 2:
-            raise RlhfError(f"{dataset.ref} has {len(rows)} row(s); SFT needs at least 2 per dataset "
-                            "(one to train, one to evaluate)")
 
     # 2. Split off a held-out set per dataset, the same one on every run with this seed; mix the rest.
     split, data_mix = training.split_and_mix(inputs, cfg, lambda _, rows: Dataset.from_list(rows).train_test_split(
