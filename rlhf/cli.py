@@ -82,6 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
     dimp.add_argument("--skip-invalid", action="store_true", help="drop bad rows and count them instead of failing")
     dimp.add_argument("--format", choices=["trl", "hh"], default="trl",
                       help="preferences only: trl (conversational) or hh (Anthropic HH-RLHF transcripts)")
+    clean = dimp.add_argument_group("cleaning (each step opt-in, counted in the manifest)")
+    clean.add_argument("--normalize-whitespace", action="store_true",
+                       help="LF line ends, one space between words, at most one blank line, trimmed ends")
+    clean.add_argument("--drop-empty-turns", action="store_true",
+                       help="drop rows with an empty message instead of failing on them")
+    clean.add_argument("--dedup", choices=["exact", "near"],
+                       help="drop repeated rows: exact copies, or also near copies (MinHash on character 5-grams)")
+    clean.add_argument("--near-threshold", type=float,
+                       help="--dedup near: Jaccard similarity from which a row is a near copy (default 0.8)")
+    clean.add_argument("--min-tokens", type=int, help="drop rows shorter than N tokens (chat template included)")
+    clean.add_argument("--max-tokens", type=int, help="drop rows longer than N tokens (chat template included)")
+    clean.add_argument("--tokenizer", help="checkpoint ref or tokenizer directory the lengths are counted with "
+                                           "(default base:latest)")
 
     for stage, (cls, _) in STAGES.items():
         sp = sub.add_parser(stage, parents=[common], help=f"run the {stage} stage")
@@ -130,13 +143,20 @@ def run(args: argparse.Namespace) -> int:
 
         if args.format != "trl" and args.schema != "preferences":
             raise RlhfError(f"--format {args.format} applies to preferences only, not {args.schema}")
+        from rlhf.cleaning import Cleaning
+
+        cleaning = Cleaning(normalize_whitespace=args.normalize_whitespace, drop_empty_turns=args.drop_empty_turns,
+                            dedup=args.dedup, near_threshold=args.near_threshold, min_tokens=args.min_tokens,
+                            max_tokens=args.max_tokens, tokenizer=args.tokenizer)
         art = import_dataset(store, args.schema, args.file, name=args.name, skip_invalid=args.skip_invalid,
-                             fmt=args.format)
+                             fmt=args.format, cleaning=cleaning)
         m = art.manifest["metrics"]
         print(f"imported {m['rows']} rows -> {art.ref}"
               + (f" ({m['dropped']} invalid rows dropped; see the manifest)" if m["dropped"] else ""))
         for reason, n in m["filter_reasons"].items():
             print(f"  filtered out {n}: {reason}")
+        for step, n in m.get("cleaning", {}).items():
+            print(f"  cleaning: {step.replace('_', ' ')}: {n}")
     elif args.command in STAGES:
         overrides = args.overrides
         if args.command == "compare":  # bare words are the models to compare

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from rlhf.artifacts import Artifact, ArtifactStore
+from rlhf.cleaning import Cleaner, Cleaning, RowCleaned
 from rlhf.errors import RlhfError
 
 ROLES = ("system", "user", "assistant")
@@ -215,12 +216,14 @@ def _read_hf_dir(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path} row {n}", row
 
 
-def validate_file(path: Path, schema: str, skip_invalid: bool, fmt: str | None = None
+def validate_file(path: Path, schema: str, skip_invalid: bool, fmt: str | None = None,
+                  prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None
                   ) -> tuple[list[dict], list[dict], Counter]:
     """Validate every row; return (rows, invalid, dropped-by-rule counts).
 
     Without `skip_invalid` the first malformed row raises. Rows a schema filters out by rule
-    (`RowDropped`) are always dropped and counted, never an error.
+    (`RowDropped`) are always dropped and counted, never an error. `prepare` (a cleaning step)
+    sees each row after format conversion, before validation, and may drop it (`RowCleaned`).
     """
     check = SCHEMAS[schema]
     convert = FORMATS[fmt] if fmt else None
@@ -233,13 +236,16 @@ def validate_file(path: Path, schema: str, skip_invalid: bool, fmt: str | None =
                 raise raw
             if not isinstance(raw, dict):
                 raise RowError("a row must be a JSON object")
-            row = check(convert(raw) if convert else raw)
+            row = convert(raw) if convert else raw
+            row = check(prepare(row) if prepare else row)
             if unique:
                 if row[unique] in seen:
                     raise RowError(f"duplicate {unique} {row[unique]!r}")
                 seen.add(row[unique])
         except RowDropped as e:
             dropped[str(e)] += 1
+            continue
+        except RowCleaned:  # counted by the cleaning step
             continue
         except RowError as e:
             if not skip_invalid:
@@ -251,23 +257,47 @@ def validate_file(path: Path, schema: str, skip_invalid: bool, fmt: str | None =
 
 
 def import_dataset(store: ArtifactStore, schema: str, file: str | Path, name: str | None = None,
-                   skip_invalid: bool = False, fmt: str | None = None) -> Artifact:
-    """Validate `file` against `schema` and store it as a new version of dataset `name`."""
+                   skip_invalid: bool = False, fmt: str | None = None, cleaning: Cleaning | None = None) -> Artifact:
+    """Validate `file` against `schema` and store it as a new version of dataset `name`.
+
+    `cleaning` turns on opt-in cleaning steps (rlhf/cleaning.py); each one's count goes in the
+    manifest's `cleaning` metrics, and a tokenizer used for length filters is an input.
+    """
     if schema not in SCHEMAS:
         raise RlhfError(f"unknown dataset schema {schema!r}; expected one of {', '.join(SCHEMAS)}")
     if fmt not in (None, "trl") and fmt not in FORMATS:
         raise RlhfError(f"unknown format {fmt!r}; expected trl or {', '.join(FORMATS)}")
     path = Path(file)
-    rows, invalid, filtered = validate_file(path, schema, skip_invalid, None if fmt == "trl" else fmt)
+    store.check_writable()
+    cleaning = cleaning if cleaning and cleaning.active else None
+    tokenizer_art, cleaner = None, None
+    if cleaning:
+        tokenizer = None
+        if cleaning.counts_tokens:
+            tokenizer_art, tokenizer = _length_tokenizer(store, cleaning.tokenizer)
+        cleaner = Cleaner(cleaning, tokenizer)
+    rows, invalid, filtered = validate_file(path, schema, skip_invalid, None if fmt == "trl" else fmt,
+                                            prepare=cleaner.prepare if cleaner else None)
+    if cleaner:
+        rows = cleaner.filter(rows)
     if not rows:
         why = f"{len(invalid)} invalid" + "".join(f", {n} {reason}" for reason, n in filtered.items())
+        why += "".join(f", {n} {step}" for step, n in (cleaner.counts.items() if cleaner else ()) if n)
         raise RlhfError(f"{path}: no valid rows to import ({why})")
     config = {"schema": schema, "source": str(path.resolve()), "skip_invalid": skip_invalid}
     if schema == "preferences":
         config["format"] = fmt or "trl"
+    if cleaning:
+        config["cleaning"] = cleaning.config()
     with store.create("dataset", name or schema, stage="data import", config=config) as w:
         write_rows(w.path / DATA_FILE, rows)
         w.add_file_input("source", path)
+        if isinstance(tokenizer_art, Artifact):
+            w.add_input("tokenizer", tokenizer_art)
+        elif tokenizer_art is not None:
+            w.add_file_input("tokenizer", tokenizer_art)
+        if cleaner:
+            w.metrics["cleaning"] = dict(cleaner.counts)
         w.metrics.update({
             "rows": len(rows),
             "filtered": sum(filtered.values()),
@@ -277,6 +307,23 @@ def import_dataset(store: ArtifactStore, schema: str, file: str | Path, name: st
             "invalid_rows": invalid[:MAX_RECORDED_INVALID],
         })
     return w.result
+
+
+def _length_tokenizer(store: ArtifactStore, source: str | None):
+    """(what to record as the input, tokenizer) for length filters: a checkpoint ref, else a tokenizer directory."""
+    from transformers import AutoTokenizer
+
+    source = source or "base:latest"
+    if Path(source).is_dir():
+        return Path(source), AutoTokenizer.from_pretrained(source)
+    try:
+        art = store.resolve(source, kind="checkpoint")
+    except RlhfError as e:
+        raise RlhfError(f"--min-tokens/--max-tokens count tokens with --tokenizer {source}, which is neither a "
+                        f"directory nor a checkpoint here ({e}); import a base model or pass --tokenizer") from None
+    from rlhf.models import load_tokenizer
+
+    return art, load_tokenizer(art)
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
