@@ -53,3 +53,21 @@ def test_bad_reward_inputs_fail_clearly(pref_ws, tmp_path, capsys):
     assert rlhf(pref_ws, "score", "reward=base:latest", "data=preferences:latest") == 2
     assert "not a reward model" in capsys.readouterr().err
     assert not (pref_ws / "checkpoints" / "reward").exists()
+
+
+def test_reward_early_stopping_watches_the_held_out_pairwise_loss(pref_ws):
+    # A threshold no step can beat: the second evaluation does not count as better, so with
+    # patience 1 training stops there, and the better of the two evaluated checkpoints is kept.
+    assert rlhf(pref_ws, "reward", "model=base:latest", "train.max_steps=60", "train.learning_rate=3e-3",
+                "train.eval_fraction=0.2", "max_length=256", "bootstrap_samples=100", "normalization_samples=16",
+                "train.eval_steps=5", "train.early_stopping_patience=1", "train.early_stopping_threshold=10") == 0
+    art = ArtifactStore(pref_ws).resolve("reward:latest")
+    m = art.manifest["metrics"]
+    assert m["stopped_at_step"] == m["steps"] == 10
+    assert m["stop_reason"] == ("early stopping: eval_loss did not improve by more than 10.0 "
+                                "for 1 evaluation(s) in a row")
+    log = [json.loads(line) for line in (art.path / "logs" / "train_log.jsonl").read_text().splitlines()]
+    evals = {e["step"]: e["eval_loss"] for e in log if "eval_loss" in e}
+    assert sorted(evals) == [5, 10]
+    assert m["best_step"] == min(evals, key=evals.get) and m["best_eval_loss"] == min(evals.values())
+    assert m["restored_best_checkpoint"] is True
