@@ -46,9 +46,8 @@ import statistics
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -224,25 +223,18 @@ def sqlite_url() -> Iterator[tuple[str, Path]]:
 @contextmanager
 def pg_url(admin_url: str) -> Iterator[tuple[str, Path]]:
     """A URL into a fresh schema of `admin_url`'s database, dropped (with everything in it) afterwards."""
-    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import OperationalError
 
-    schema = f"label_load_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(admin_url)
-    try:
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except OperationalError as e:
-        admin.dispose()
-        raise SystemExit(f"PostgreSQL at {admin.url.render_as_string(hide_password=True)} is unusable "
-                         f"({str(e.orig).strip().splitlines()[0]}); pass --pg-url, or --backend sqlite") from None
-    try:
-        with tempfile.TemporaryDirectory(prefix="label-load-pg-") as d:
-            yield f"{admin_url}{'&' if '?' in admin_url else '?'}options=-csearch_path%3D{schema}", Path(d)
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    from labeling_app.store import scratch_schema
+
+    with ExitStack() as stack:
+        try:
+            url = stack.enter_context(scratch_schema(admin_url, "label_load"))
+        except OperationalError as e:
+            raise SystemExit(f"PostgreSQL at {make_url(admin_url).render_as_string(hide_password=True)} is unusable "
+                             f"({str(e.orig).strip().splitlines()[0]}); pass --pg-url, or --backend sqlite") from None
+        yield url, Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="label-load-pg-")))
 
 
 def _ms(x: float | None) -> str:

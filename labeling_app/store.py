@@ -175,6 +175,31 @@ class Label(Base):
     revision: Mapped[int] = mapped_column(Integer, default=1)
 
 
+@contextmanager
+def scratch_schema(admin_url: str, prefix: str) -> Iterator[str]:
+    """A PostgreSQL URL whose connections live in a fresh schema, dropped with its tables afterwards.
+
+    For tests and load runs that share one database without touching each other's tables.
+    Raises `OperationalError` when the server cannot be reached.
+    """
+    import uuid
+
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(admin_url)
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except OperationalError:
+        admin.dispose()
+        raise
+    try:
+        yield f"{admin_url}{'&' if '?' in admin_url else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
 def _retryable(e: DBAPIError) -> bool:
     """Did this transaction lose a race it would win on a fresh try?"""
     code = getattr(e.orig, "pgcode", None)
@@ -188,7 +213,7 @@ def _retryable(e: DBAPIError) -> bool:
 class LabelStore:
     """A connection to the labels database; the schema is created (or checked) on start."""
 
-    def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 20):
+    def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 50):
         self.url = url
         try:
             self.engine = create_engine(url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True)

@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator, NoReturn
 
@@ -99,23 +98,16 @@ PG_URL = os.environ.get("RLHF_TEST_PG_URL", "postgresql+psycopg2://postgres@127.
 @contextmanager
 def pg_schema_url() -> Iterator[str]:
     """A URL whose connections live in a fresh schema, dropped afterwards, so parallel runs never collide."""
-    from sqlalchemy import create_engine, text
     from sqlalchemy.exc import OperationalError
 
-    schema = f"rlhf_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL)
-    try:
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except OperationalError as e:
-        admin.dispose()
-        unavailable(f"PostgreSQL at {PG_URL} is unreachable ({str(e.orig).strip().splitlines()[0]})", "provide it")
-    try:
-        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    from labeling_app.store import scratch_schema
+
+    with ExitStack() as stack:
+        try:
+            url = stack.enter_context(scratch_schema(PG_URL, "rlhf_test"))
+        except OperationalError as e:
+            unavailable(f"PostgreSQL at {PG_URL} is unreachable ({str(e.orig).strip().splitlines()[0]})", "provide it")
+        yield url
 
 
 MARKER = " Have a lovely day!"
