@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ppo import core
-from ppo.rollout import Rollout, decode_responses, encode_prompts, forward_response, sample
+from ppo.rollout import (Rollout, decode_responses, encode_prompts, forward_response, merged_sampler, sample,
+                         sync_sampler)
 from rlhf import data as rdata
 from rlhf import models, training
 from rlhf.artifacts import Artifact, ArtifactStore
@@ -33,6 +34,10 @@ from rlhf.config import PPOConfig, dump
 from rlhf.errors import RlhfError
 
 log = logging.getLogger(__name__)
+
+# Under FSDP or DeepSpeed each process holds a shard of the weights, so there is no whole
+# model to merge into a sampler; those runs sample through the adapter.
+_SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 
 # (prompts, response texts, rollout) -> scores (B,). The CLI scores with a reward model;
 # tests pass a toy function of the token ids.
@@ -88,11 +93,17 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: ScoreFn, reward_artifa
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.train.seed + accelerator.process_index)
     tokenizer = models.load_tokenizer(policy_init)
-    base = models.load_causal_lm(store, policy_init, mode=cfg.mode)
+    # The frozen base is held in bf16 when computing in bf16: autocast would otherwise cast
+    # every fp32 weight again on every forward. The adapter and value head stay fp32.
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    base = models.load_causal_lm(store, policy_init, mode=cfg.mode, **({"dtype": dtype} if cfg.mode == "lora" else {}))
     if cfg.mode == "qlora":
         from peft import prepare_model_for_kbit_training
 
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    sampler = None
+    if hp.merged_sampler and cfg.mode == "lora" and accelerator.distributed_type not in _SHARDED:
+        sampler = merged_sampler(base, dtype).to(accelerator.device)
     policy = get_peft_model(base, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
                                              target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
     value_head = nn.Linear(base.config.hidden_size, 1)
@@ -122,7 +133,14 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: ScoreFn, reward_artifa
     timings = {"generation_s": 0.0, "generation_tokens": 0, "update_s": 0.0, "update_tokens": 0}
     run_start = time.perf_counter()
 
-    evaluate = lambda it: _evaluate(unwrapped, tokenizer, eval_prompts, score_fn, cfg, it, accelerator)
+    def generator() -> nn.Module:
+        """The model to sample from now: the merged sampler, refreshed, or the policy itself."""
+        if sampler is None:
+            return unwrapped.policy
+        sync_sampler(sampler, unwrapped.policy)
+        return sampler
+
+    evaluate = lambda it: _evaluate(unwrapped, generator(), tokenizer, eval_prompts, score_fn, cfg, it, accelerator)
     if not start_iter:
         evals.append(evaluate(0))
     for it in range(start_iter, n_iters):
@@ -138,7 +156,7 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: ScoreFn, reward_artifa
         model.eval()
         t0 = time.perf_counter()
         with accelerator.autocast():
-            rollout = sample(unwrapped.policy, tokenizer, prompt_ids, prompt_mask, hp.max_new_tokens, hp.temperature)
+            rollout = sample(generator(), tokenizer, prompt_ids, prompt_mask, hp.max_new_tokens, hp.temperature)
         timings["generation_s"] += time.perf_counter() - t0
         timings["generation_tokens"] += int(rollout.response_mask.sum())
         mask = rollout.response_mask
@@ -255,8 +273,8 @@ def _ppo_epochs(model, optimizer, accelerator, rollout: Rollout, old_logprobs, o
 
 
 @torch.no_grad()
-def _evaluate(unwrapped: ActorCritic, tokenizer, prompts: list, score_fn: ScoreFn, cfg: PPOConfig, iteration: int,
-              accelerator) -> dict:
+def _evaluate(unwrapped: ActorCritic, generator: nn.Module, tokenizer, prompts: list, score_fn: ScoreFn,
+              cfg: PPOConfig, iteration: int, accelerator) -> dict:
     """Mean score and KL to the reference on held-out prompts, with a fixed sampling seed."""
     hp = cfg.ppo
     rng = torch.get_rng_state()
@@ -267,7 +285,7 @@ def _evaluate(unwrapped: ActorCritic, tokenizer, prompts: list, score_fn: ScoreF
         batch = prompts[i:i + cfg.train.batch_size]
         ids, mask, _ = encode_prompts(tokenizer, batch, hp.max_prompt_length)
         with accelerator.autocast():
-            rollout = sample(unwrapped.policy, tokenizer, ids.to(accelerator.device), mask.to(accelerator.device),
+            rollout = sample(generator, tokenizer, ids.to(accelerator.device), mask.to(accelerator.device),
                              hp.max_new_tokens, hp.temperature)
             logprobs = forward_response(unwrapped.policy, rollout, hp.temperature)["logprobs"]
             with unwrapped.policy.disable_adapter():

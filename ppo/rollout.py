@@ -74,6 +74,31 @@ def sample(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens: int, tempe
     return Rollout(prompt_ids, prompt_mask, response_ids, mask, has_eos)
 
 
+def merged_sampler(base, dtype):
+    """A frozen copy of `base` (before any adapter is added) to sample rollouts from.
+
+    Sampling through an unmerged LoRA adapter costs two extra small matmuls per linear
+    layer per token, and casting fp32 weights to bf16 again at every decoding step;
+    measured here on SmolLM2-135M, that halves the tokens/s. The copy holds the merged
+    weights in the compute dtype instead; `sync_sampler` refreshes it before each rollout.
+    """
+    import copy
+
+    return copy.deepcopy(base).to(dtype).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def sync_sampler(sampler, policy) -> None:
+    """Write the policy's current weights, adapter merged, into the sampler (W + B·A·scale)."""
+    from peft.tuners.lora import LoraLayer
+
+    weights = dict(sampler.named_parameters())
+    for name, module in policy.base_model.model.named_modules():
+        if isinstance(module, LoraLayer):
+            merged = module.get_base_layer().weight + module.get_delta_weight(module.active_adapters[0])
+            weights[f"{name}.weight"].copy_(merged)
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 

@@ -98,3 +98,30 @@ def test_a_crashed_ppo_run_resumes_from_its_saved_iteration(tiny_ws):
     assert [h["iteration"] for h in history] == [1, 2, 3, 4, 5, 6]
     assert m["eval_score_initial"] is not None  # the evaluation before the crash survived the resume
     assert not any((tiny_ws / ".scratch").glob("ppo-*"))
+
+
+def test_the_merged_sampler_matches_the_policy_with_its_adapter(tiny_ws):
+    """After a sync, the sampler's logits are the adapter-carrying policy's, in each precision."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from ppo.rollout import merged_sampler, sync_sampler
+
+    store = ArtifactStore(tiny_ws)
+    ids = torch.randint(3, 100, (2, 12))
+    for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 0.1)]:
+        base = models.load_causal_lm(store, store.resolve("base:latest"), dtype=dtype)
+        sampler = merged_sampler(base, dtype)
+        policy = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+        torch.manual_seed(0)
+        with torch.no_grad():  # lora_B starts at zero; move it so the adapter changes the output
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            want = policy(input_ids=ids).logits.float()
+            stale = sampler(input_ids=ids).logits.float()
+            sync_sampler(sampler, policy)
+            got = sampler(input_ids=ids).logits.float()
+        assert (stale - want).abs().max() > 10 * tol, "the adapter must matter for this check to mean anything"
+        assert (got - want).abs().max() < tol, (dtype, (got - want).abs().max())
