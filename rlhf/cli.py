@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted; no artifact was published", file=sys.stderr)
+        resume = "; finished trials are kept: run the same command to resume" if args.command == "sweep" else ""
+        print(f"error: interrupted; the run in progress published no artifact{resume}", file=sys.stderr)
         return 130
 
 
