@@ -41,7 +41,7 @@ def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
     # 3. Policy = input weights + a new LoRA adapter; reference = the same with the adapter off.
     #    (mode=full has no adapter to switch off, so TRL keeps a frozen copy as the reference.)
     tokenizer = models.load_tokenizer(init)
-    model = models.load_causal_lm(store, init, mode=cfg.mode)
+    model = models.load_causal_lm(store, init, mode=cfg.mode, **models.frozen_weights(precision, cfg.mode))
     peft_config = None if cfg.mode == "full" else LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")

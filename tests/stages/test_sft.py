@@ -69,6 +69,29 @@ def test_merged_lora_checkpoint_loads_as_plain_weights_and_continues_from_adapte
     assert not any("lora" in n for n, _ in model.named_parameters())
 
 
+def test_a_merge_after_bf16_training_keeps_the_whole_update_in_fp32(tiny_ws):
+    """LoRA trains over bf16-held frozen weights; the merge goes into fp32 so the update is not rounded away."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf import models
+    from rlhf.artifacts import ArtifactStore
+
+    assert rlhf(tiny_ws, "sft", "train.max_steps=4", "train.precision=bf16", *FAST) == 0
+    assert rlhf(tiny_ws, "sft", "train.max_steps=4", "train.precision=bf16", "merge=true", *FAST) == 0
+    store = ArtifactStore(tiny_ws)
+    adapter = models.load_causal_lm(store, store.resolve("checkpoints/sft:v1"))  # merged in fp32 on load: the reference
+    merged = AutoModelForCausalLM.from_pretrained(tiny_ws / "checkpoints/sft/v0002")
+    base = AutoModelForCausalLM.from_pretrained(tiny_ws / "checkpoints/base/v0001")
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    ids = torch.randint(3, 100, (2, 16))
+    with torch.no_grad():
+        got, want, before = (m(input_ids=ids).logits for m in (merged, adapter, base))
+    # Same seed and data, so both runs learned the same update: the merge must carry all of it.
+    assert (want - before).abs().max() > 1e-3
+    assert (got - want).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("args, expected", [
     (["mode=qlora"], "mode=qlora needs a CUDA GPU"),
     (["train.max_step=3"], "did you mean 'train.max_steps'"),
