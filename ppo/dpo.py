@@ -17,43 +17,51 @@ import torch
 
 from ppo.rollout import encode_prompts, forward_response, sample
 from rlhf import data as rdata
-from rlhf import models, training
+from rlhf import finetune, models, training
 from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.config import DPOConfig, dump
 from rlhf.errors import RlhfError
 
 
-def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
+def check(cfg: DPOConfig, store: ArtifactStore) -> training.Inputs:
+    """Everything that can fail before any work is done (also run on every trial of a sweep first)."""
     import trl
-    from peft import LoraConfig
 
-    # 1. Check everything that can fail before any work is done.
     loss_type = [cfg.loss_type] if isinstance(cfg.loss_type, str) else cfg.loss_type
     known = trl_loss_types()
     if known and (unknown := [t for t in loss_type if t not in known]):
         raise RlhfError(f"config: loss_type {unknown[0]!r} is not a TRL DPO loss; choose from {', '.join(sorted(known))}")
-    precision, init, dataset, rows = training.check_inputs(cfg, store, trl.DPOConfig, schema="preferences")
+    return training.prepare_inputs(cfg, store, trl.DPOConfig, schema="preferences", task_type="CAUSAL_LM")
 
-    # 2. Held-out split, the same for the same seed.
-    split = rdata.split_pairs(dataset, rows, cfg.train.eval_fraction, cfg.train.seed,
-                              ["prompt", "chosen", "rejected"], stage="DPO")
 
-    # 3. Policy = input weights + a new LoRA adapter; reference = the same with the adapter off.
-    #    (mode=full has no adapter to switch off, so TRL keeps a frozen copy as the reference.)
+def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
+    import trl
+
+    # 1. Check everything that can fail before any work is done.
+    inputs = check(cfg, store)
+    init = inputs.model
+    loss_type = [cfg.loss_type] if isinstance(cfg.loss_type, str) else cfg.loss_type
+
+    # 2. Held-out split per dataset, the same for the same seed; the training parts mixed.
+    split, data_mix = training.split_and_mix(inputs, cfg, lambda dataset, rows: rdata.split_pairs(
+        dataset, rows, cfg.train.eval_fraction, cfg.train.seed, ["prompt", "chosen", "rejected"], stage="DPO"))
+
+    # 3. Policy = input weights + the training mode (an adapter, or frozen layers); reference = the
+    #    policy with its adapter off. (full and freeze have no adapter to switch off, so TRL keeps a
+    #    frozen copy as the reference.)
     tokenizer = models.load_tokenizer(init)
-    model = models.load_causal_lm(store, init, mode=cfg.mode, **models.frozen_weights(precision, cfg.mode))
-    peft_config = None if cfg.mode == "full" else LoraConfig(
-        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    model = models.load_causal_lm(store, init, mode=cfg.mode, **models.frozen_weights(inputs.precision, cfg.mode))
+    peft_config, mode_facts = finetune.prepare(cfg, model, task_type="CAUSAL_LM")
 
     # 4. Train, resuming an identical killed run.
     config = dump(cfg)
-    scratch = store.scratch_dir("dpo", training.run_id(config, [init, dataset]))
-    args = trl.DPOConfig(**training.trainer_kwargs(cfg.train, scratch, precision, has_eval=True),
+    scratch = store.scratch_dir("dpo", training.run_id(config, [init, *inputs.datasets]))
+    args = trl.DPOConfig(**training.trainer_kwargs(cfg.train, scratch, inputs.precision, has_eval=True),
                          max_length=cfg.max_length, beta=cfg.beta, loss_type=loss_type,
                          precompute_ref_log_probs=cfg.precompute_ref_log_probs, **cfg.trl)
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
-                             processing_class=tokenizer, peft_config=peft_config)
+                             processing_class=tokenizer, peft_config=peft_config,
+                             callbacks=training.callbacks(cfg.train))
     initial = trainer.evaluate()
     run = training.train_resumable(trainer, scratch)
     final = trainer.evaluate()
@@ -65,14 +73,15 @@ def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
     # 5. KL to the reference on held-out prompts, from responses the trained policy samples.
     prompts = [r["prompt"] for r in split["test"]][:cfg.kl_prompts]
     kl = held_out_kl(trainer.model, trainer.ref_model, tokenizer, prompts, cfg.max_new_tokens) if prompts else None
-    run_metrics = training.run_metrics(trainer, run, precision)
+    run_metrics = training.run_metrics(trainer, run, inputs.precision)
     with store.create("checkpoint", cfg.output, stage="dpo", config=config) as w:
         trainer.model.save_pretrained(w.path)
         tokenizer.save_pretrained(w.path)
         training.save_logs(trainer.state.log_history, w.path / "logs")
         w.add_input("model", init)
         w.add_input("reference", init)
-        w.add_input("data", dataset)
+        for dataset in inputs.datasets:
+            w.add_input("data", dataset)
         w.metrics.update({
             "eval_reward_accuracy_initial": initial.get("eval_rewards/accuracies"),
             "eval_reward_accuracy": final.get("eval_rewards/accuracies"),
@@ -83,7 +92,9 @@ def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
             "eval_kl_to_reference": kl,
             "train_pairs": len(split["train"]),
             "eval_pairs": len(split["test"]),
-            "mode": cfg.mode,
+            **({"data_mix": data_mix} if len(data_mix) > 1 else {}),
+            **mode_facts,
+            **training.stop_metrics(trainer, cfg.train),
             **run_metrics,
         })
     shutil.rmtree(scratch, ignore_errors=True)

@@ -190,12 +190,10 @@ class RewardConfig(FineTuneConfig):
     trl: dict[str, Any] = Field(default_factory=dict, description="passed through to trl.RewardConfig")
 
 
-class DPOConfig(StageConfig):
+class DPOConfig(FineTuneConfig):
     model: str = "sft:latest"
-    data: str = "preferences:latest"
+    data: str | list[str] = "preferences:latest"
     output: str = "dpo"
-    mode: Literal["lora", "full", "qlora"] = "lora"
-    lora: LoraConfig = LoraConfig()
     max_length: int = Field(512, ge=8, description="tokens per prompt+response")
     beta: float = Field(0.1, gt=0, description="strength of the implicit KL constraint to the reference")
     loss_type: str | list[str] = Field("sigmoid", description="any TRL DPO loss: sigmoid, ipo, hinge, robust, ...")

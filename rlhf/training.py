@@ -227,12 +227,6 @@ def prepare_inputs(cfg, store: ArtifactStore, library_config: type, schema: str,
     return Inputs(precision, model, datasets, [data.load_rows(d, schema=schema) for d in datasets])
 
 
-def check_inputs(cfg, store: ArtifactStore, library_config: type, schema: str):
-    """`prepare_inputs` for a stage with one dataset; returns (precision, model artifact, data artifact, rows)."""
-    inputs = prepare_inputs(cfg, store, library_config, schema)
-    return inputs.precision, inputs.model, inputs.datasets[0], inputs.rows[0]
-
-
 def split_and_mix(inputs: Inputs, cfg, split: Callable[[Artifact, list[dict]], Any]):
     """Split every dataset into train/test with `split`, then mix: returns (DatasetDict, facts for the manifest).
 

@@ -29,3 +29,10 @@ def test_dpo_loss_type_passes_through_and_bad_ones_are_refused(pref_ws, capsys):
     assert rlhf(pref_ws, "dpo", "model=base:latest", "loss_type=ipo", "train.max_steps=2", "max_length=128",
                 "kl_prompts=2", "max_new_tokens=4") == 0
     assert ArtifactStore(pref_ws).resolve("dpo:latest").manifest["config"]["loss_type"] == "ipo"
+
+
+def test_dpo_freeze_mode_keeps_a_frozen_reference(pref_ws):
+    assert rlhf(pref_ws, "dpo", "model=base:latest", "mode=freeze", "freeze.trainable_layers=1", "train.max_steps=4",
+                "max_length=128", "kl_prompts=2", "max_new_tokens=4", "train.eval_fraction=0.2") == 0
+    m = ArtifactStore(pref_ws).resolve("dpo:latest").manifest["metrics"]
+    assert m["mode"] == "freeze" and m["trainable_params"] < m["total_params"]
