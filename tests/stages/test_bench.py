@@ -1,0 +1,43 @@
+"""`python -m bench --quick` runs every stage, both sides, on a tiny model and writes the one result shape.
+
+Only the harness is checked: speed figures are the benchmark's to report, never a test's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bench.__main__ import main
+from bench.stages import STAGES
+from conftest import shared_data
+
+SIDE_KEYS = {"tokens_per_s", "peak_mem_mb", "wall_s", "metric", "mfu"}
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_every_stage_in_the_fixed_shape(tiny_model_dir, tmp_path):
+    shared_data("hh-rlhf-harmless/train.jsonl")  # reward and dpo train on it
+    result = main(["--quick", "--model", str(tiny_model_dir), "--out", str(tmp_path)])
+
+    written = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert written == json.loads(json.dumps(result))
+    assert set(written["machine"]["peak_gflops"]) == {"bf16", "fp32"}
+    assert all(v > 0 for v in written["machine"]["peak_gflops"].values())
+    assert list(written["stages"]) == list(STAGES)
+    for stage, s in written["stages"].items():
+        for side in ("suite", "baseline"):
+            assert SIDE_KEYS <= set(s[side]), (stage, side)
+            assert s[side]["tokens_per_s"] > 0 and 0 < s[side]["mfu"] < 1 and math.isfinite(s[side]["metric"])
+        assert s["ratio"]["tokens_per_s"] == pytest.approx(s["suite"]["tokens_per_s"] / s["baseline"]["tokens_per_s"])
+    table = next(tmp_path.glob("*.md")).read_text()
+    assert all(f"| {stage} | **suite / baseline** |" in table for stage in STAGES)
+
+
+def test_bench_refuses_an_unknown_stage_or_budget_key(capsys):
+    with pytest.raises(SystemExit, match="unknown stage 'sfft'; choose from sft, reward"):
+        main(["--stages", "sfft"])
+    with pytest.raises(SystemExit, match="unknown budget key 'stepz'"):
+        main(["--quick", "--stages", "sft", "--set", "stepz=3"])
