@@ -36,6 +36,8 @@ KEYS = ("tokens_per_s", "peak_mem_mb", "wall_s", "metric", "mfu")
 # minibatch for ppo_update); rollout_prompts: prompts per rollout batch.
 BUDGET = {"steps": 8, "batch_size": 8, "learning_rate": 2e-4, "max_length": 256, "seed": 42, "eval_fraction": 0.1,
           "dev_limit": 100, "rollout_prompts": 16, "max_new_tokens": 48}
+# Runs per side, medians reported: the short PPO phases are noisy from run to run, and cheap.
+REPEATS = {"ppo_rollout": 3, "ppo_update": 3}
 QUICK = {"steps": 2, "batch_size": 2, "dev_limit": 8, "rollout_prompts": 4, "max_new_tokens": 8, "max_length": 128}
 
 
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {', '.join(STAGES)}")
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks the harness, not the speed")
-    p.add_argument("--repeats", type=int, default=1, help="runs per side; the table reports medians")
+    p.add_argument("--repeats", type=int, help="runs per side, medians reported (default: 3 for the PPO phases, "
+                                                "1 for the trainers; 1 with --quick)")
     p.add_argument("--model", help="a local transformers checkpoint instead of the packaged SmolLM2-135M-Instruct")
     p.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and markdown go")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=f"budget overrides; keys: {', '.join(BUDGET)}")
@@ -122,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
         for stage in stages:
             sides = {}
             for side in ("suite", "baseline"):
-                runs = [run_side(stage, side, ws, budget) for _ in range(args.repeats)]
+                repeats = args.repeats or (1 if args.quick else REPEATS.get(stage, 1))
+                runs = [run_side(stage, side, ws, budget) for _ in range(repeats)]
                 sides[side] = median_run(runs, peak)
                 print(f"{stage} {side}: {sides[side]['tokens_per_s']:.1f} tokens/s, {sides[side]['metric_name']} "
                       f"{sides[side]['metric']:.3f}", flush=True)

@@ -62,9 +62,10 @@ def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
                              processing_class=tokenizer, peft_config=peft_config,
                              callbacks=training.callbacks(cfg.train))
-    initial = trainer.evaluate()
-    run = training.train_resumable(trainer, scratch)
-    final = trainer.evaluate()
+    with training.fast_lm_head_on_cpu():
+        initial = trainer.evaluate()
+        run = training.train_resumable(trainer, scratch)
+        final = trainer.evaluate()
 
     trainer.accelerator.wait_for_everyone()
     if not trainer.accelerator.is_main_process:

@@ -11,9 +11,10 @@ import logging
 import resource
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.config import FineTuneTrainConfig, TrainConfig
@@ -114,6 +115,44 @@ def stop_metrics(trainer, train: TrainConfig) -> dict[str, Any]:
         out.update({"best_step": state.best_global_step, "best_eval_loss": state.best_metric,
                     "restored_best_checkpoint": state.best_model_checkpoint is not None})
     return out
+
+
+@contextmanager
+def fast_lm_head_on_cpu() -> Iterator[None]:
+    """Make TRL's chunked LM head (SFT, DPO) cheap on a CPU, for the duration of the block.
+
+    TRL projects to the vocabulary in tiles so the full logits never exist. Off CUDA it
+    (1) scores every position, prompt and padding included, where CUDA scores only the
+    labelled ones, and (2) computes the backward matmul in fp32, which on this CPU runs at
+    a fraction of the bf16 rate (AMX). With a 49k vocabulary that head cost as much as the
+    whole backbone. Here it scores only labelled positions, and the backward matmul runs in
+    the compute dtype and is summed in fp32, as autocast does for every other layer.
+    Measured with `python -m bench` (README, Performance). Nothing changes on CUDA, or if
+    TRL's internals move (then TRL's own path runs unchanged).
+    """
+    import torch
+
+    try:
+        from trl.kernels import chunked_logprob
+        from trl.trainer import utils as trl_utils
+
+        saved = chunked_logprob._addmm_fp32, trl_utils._use_triton
+    except (ImportError, AttributeError):
+        saved = None
+    if saved is None or torch.cuda.is_available():
+        yield
+        return
+
+    def addmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        acc.add_(torch.mm(a, b))
+
+    chunked_logprob._addmm_fp32 = addmm
+    # In trl.trainer.utils this name only decides whether to score just the labelled positions.
+    trl_utils._use_triton = lambda device: True
+    try:
+        yield
+    finally:
+        chunked_logprob._addmm_fp32, trl_utils._use_triton = saved
 
 
 def peak_memory_mb() -> float:

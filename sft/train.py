@@ -67,9 +67,10 @@ def main(cfg: SFTConfig, store: ArtifactStore) -> Artifact | None:
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
                              processing_class=tokenizer, peft_config=peft_config,
                              callbacks=training.callbacks(cfg.train))
-    eval_loss_initial = trainer.evaluate()["eval_loss"]
-    run = training.train_resumable(trainer, scratch)
-    final_eval = trainer.evaluate()
+    with training.fast_lm_head_on_cpu():
+        eval_loss_initial = trainer.evaluate()["eval_loss"]
+        run = training.train_resumable(trainer, scratch)
+        final_eval = trainer.evaluate()
 
     # 5. Publish the artifact (main process only under `accelerate launch`).
     trainer.accelerator.wait_for_everyone()
