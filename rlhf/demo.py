@@ -34,8 +34,8 @@ SIZES = {
                 "max_length=320", "kl_prompts=4", "max_new_tokens=32"],
         # A zero-initialised critic: the reward model's score head, read off the policy's own
         # hidden states, starts with a negative explained variance at this budget.
-        "ppo": ["train.max_steps=10", "train.batch_size=16", "train.learning_rate=3e-4", "ppo.minibatch_size=8",
-                "ppo.max_new_tokens=48", "ppo.value_init=zero", "eval_every=10", "eval_prompts=8"],
+        "ppo": ["train.max_steps=16", "train.batch_size=16", "train.learning_rate=3e-4", "ppo.minibatch_size=8",
+                "ppo.max_new_tokens=48", "ppo.value_init=zero", "eval_every=8", "eval_prompts=8"],
         "compare": ["sampling.max_new_tokens=64"],
     },
     "quick": {
@@ -125,12 +125,13 @@ def run_demo(store: ArtifactStore, quick: bool = False, seed: int = 0) -> dict[s
                    after=(role,) if role != "sft" else ())
 
     with _step(7, total, "reward, dpo, ppo and the held-out answers, two stages at a time", timings):
-        # reward and dpo need only the SFT model and the preferences, and ppo only the reward
-        # model, so they overlap. On a small CPU two single-threaded stages side by side finish
-        # sooner than the same stages one after the other on every core.
+        # ppo needs the reward model, and is the longest stage: reward -> ppo is the critical
+        # path, so reward runs first on every core. Then ppo runs beside dpo and the answer
+        # sets: on a small CPU two single-threaded stages side by side finish sooner than the
+        # same stages one after the other on every core.
         done = _run_jobs(store, {
             "reward": Job("reward", lambda d: [f"model={sft.ref}", f"data={preferences.ref}", *seed_args,
-                                                 *size["reward"]]),
+                                                 *size["reward"]], alone=True),
             "dpo": Job("dpo", lambda d: [f"model={sft.ref}", f"data={preferences.ref}", *seed_args,
                                            *size["dpo"]]),
             "ppo": Job("ppo", lambda d: [f"model={sft.ref}", f"reward={d['reward'].ref}", f"data={prompts.ref}",
@@ -171,6 +172,33 @@ class Job:
     command: str
     overrides: Callable[[dict[str, Artifact]], list[str]]
     after: tuple[str, ...] = ()
+    # A job on the critical path: it waits for an idle machine, takes every core, and nothing
+    # starts beside it, so the jobs that need it can start as early as possible.
+    alone: bool = False
+
+
+def plan_starts(jobs: dict[str, Job], pending: list[str], running: list[str], done: set[str], slots: int,
+                cpus: int) -> list[tuple[str, int]]:
+    """The pending jobs to start now, in the order given, each with its number of threads.
+
+    A job can start once the jobs it needs are done and a slot is free. The cores are shared
+    by the jobs that can run now; one alone gets them all. An `alone` job that can start
+    holds back every job after it until the machine is idle.
+    """
+    def ready(name: str) -> bool:
+        return all(dep in done for dep in jobs[name].after)
+
+    if any(jobs[name].alone for name in running):
+        return []
+    busy, starts = len(running), []
+    waiting = [name for name in pending if ready(name)]
+    for i, name in enumerate(waiting):
+        if jobs[name].alone:
+            return starts + ([(name, cpus)] if busy == 0 else [])
+        if busy < slots:
+            starts.append((name, max(1, cpus // min(slots, busy + len(waiting) - i))))
+            busy += 1
+    return starts
 
 
 def flat_overrides(config: dict, prefix: str = "") -> list[str]:
@@ -204,20 +232,17 @@ def _run_jobs(store: ArtifactStore, jobs: dict[str, Job], timings: dict[str, flo
     pending, running = dict(jobs), {}
     try:
         while pending or running:
-            for name, job in list(pending.items()):
-                if len(running) < slots and all(dep in done for dep in job.after):
-                    # The cores are shared by the jobs that can run now; one alone gets them all.
-                    ready = sum(all(d in done for d in j.after) for j in pending.values())
-                    threads = str(max(1, (os.cpu_count() or slots) // min(slots, len(running) + ready)))
-                    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-                    log = logs / f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{name}.log"
-                    argv = [sys.executable, "-m", "rlhf.cli", "--workspace", str(store.root), job.command,
-                            *job.overrides(done)]
-                    with open(log, "w") as f:
-                        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env)
-                    running[name] = (proc, log, time.perf_counter())
-                    del pending[name]
-                    print(f"  {name}: started ({threads} thread{'s' if threads != '1' else ''}; log {log})", flush=True)
+            for name, n in plan_starts(jobs, list(pending), list(running), set(done), slots, os.cpu_count() or slots):
+                job, threads = pending[name], str(n)
+                env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+                log = logs / f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{name}.log"
+                argv = [sys.executable, "-m", "rlhf.cli", "--workspace", str(store.root), job.command,
+                        *job.overrides(done)]
+                with open(log, "w") as f:
+                    proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env)
+                running[name] = (proc, log, time.perf_counter())
+                del pending[name]
+                print(f"  {name}: started ({threads} thread{'s' if threads != '1' else ''}; log {log})", flush=True)
             time.sleep(0.5)
             for name, (proc, log, start) in list(running.items()):
                 if proc.poll() is None:

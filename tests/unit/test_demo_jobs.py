@@ -8,7 +8,7 @@ import pytest
 
 from rlhf.artifacts import ArtifactStore
 from rlhf.config import CompareConfig, GenerateConfig, dump, load_config
-from rlhf.demo import Job, _run_jobs, flat_overrides
+from rlhf.demo import Job, _run_jobs, flat_overrides, plan_starts
 from rlhf.errors import RlhfError
 
 
@@ -35,3 +35,25 @@ def test_a_failing_job_stops_the_demo_with_its_log_and_its_dependants_never_star
     assert "no artifact named 'nope'" in open(log).read()
     assert store.list() == []
     assert [p.name.split("-")[-1] for p in (tmp_path / "ws" / "logs").iterdir()] == ["bad.log"]  # "after" never ran
+
+
+def test_the_critical_job_runs_alone_on_every_core_then_the_rest_share_them():
+    overrides = lambda done: []
+    jobs = {"reward": Job("reward", overrides, alone=True), "dpo": Job("dpo", overrides),
+            "ppo": Job("ppo", overrides, after=("reward",)), "answers": Job("generate", overrides)}
+    pending = list(jobs)
+    assert plan_starts(jobs, pending, [], set(), slots=2, cpus=2) == [("reward", 2)]
+    assert plan_starts(jobs, pending[1:], ["reward"], set(), slots=2, cpus=2) == []
+    # reward done: dpo and ppo share the cores; answers waits for a free slot.
+    assert plan_starts(jobs, pending[1:], [], {"reward"}, slots=2, cpus=2) == [("dpo", 1), ("ppo", 1)]
+    # The last job left gets every core.
+    assert plan_starts(jobs, ["answers"], [], {"reward", "dpo", "ppo"}, slots=2, cpus=2) == [("answers", 2)]
+    # A job whose inputs are missing never starts, and does not hold a slot.
+    assert plan_starts(jobs, ["ppo", "answers"], ["dpo"], set(), slots=2, cpus=2) == [("answers", 1)]
+
+
+def test_an_alone_job_that_can_start_holds_back_the_jobs_after_it():
+    overrides = lambda done: []
+    jobs = {"a": Job("x", overrides), "b": Job("x", overrides, alone=True), "c": Job("x", overrides)}
+    assert plan_starts(jobs, ["b", "c"], ["a"], set(), slots=2, cpus=2) == []
+    assert plan_starts(jobs, ["b", "c"], [], set(), slots=2, cpus=2) == [("b", 2)]
