@@ -186,8 +186,8 @@ def dpo(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]:
 def _ppo_setup(side: str, store: ArtifactStore, budget: dict):
     """The PPO actor (base + a fresh LoRA adapter), its sampler and a batch of encoded prompts.
 
-    The suite holds the frozen weights in bf16 and samples from a merged copy, as `rlhf ppo`
-    does; the baseline keeps fp32 weights under bf16 autocast and samples through the adapter.
+    Both keep fp32 weights under bf16 autocast for training; the suite samples from a merged
+    bf16 copy, as `rlhf ppo` does, and the baseline through the adapter.
     """
     import torch
     from peft import get_peft_model
@@ -198,10 +198,10 @@ def _ppo_setup(side: str, store: ArtifactStore, budget: dict):
 
     base_art = store.resolve("base:latest")
     tokenizer = models.load_tokenizer(base_art)
-    dtype = torch.bfloat16 if side == "suite" and models.resolve_precision("auto") == "bf16" else torch.float32
-    base = models.load_causal_lm(store, base_art, dtype=dtype)
+    base = models.load_causal_lm(store, base_art)
     n = matmul_params(base)
-    sampler = merged_sampler(base, dtype) if side == "suite" else None
+    bf16 = models.resolve_precision("auto") == "bf16"
+    sampler = merged_sampler(base, torch.bfloat16 if bf16 else torch.float32) if side == "suite" else None
     policy = get_peft_model(base, _lora("CAUSAL_LM"))
     prompts = [r["prompt"] for r in load_rows(store.resolve("prompts:latest"), schema="prompts")]
     prompts = prompts[:budget["rollout_prompts"]]
@@ -233,25 +233,37 @@ def ppo_rollout(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]
 
 
 def ppo_update(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]:
-    """PPO's optimisation phase on one fixed rollout batch: `ppo.epochs` passes of minibatches."""
+    """PPO's optimisation phase on one fixed rollout batch: `ppo.epochs` passes of minibatches.
+
+    Both sides sample the same batch through the policy. The suite projects only the response
+    positions to the vocabulary (`logits_to_keep`); the baseline, like a plain
+    `model(...).logits`, projects every position, the prompt's included.
+    """
     import torch
     from accelerate import Accelerator
     from torch import nn
 
     from ppo import core
     from ppo.ppo import ActorCritic, _ppo_epochs
-    from ppo.rollout import forward_response, sample, sync_sampler
+    from ppo.rollout import forward_response, sample
     from rlhf.config import PPOConfig, load_config
 
-    tokenizer, policy, sampler, ids, mask, n = _ppo_setup(side, store, budget)
+    tokenizer, policy, _, ids, mask, n = _ppo_setup("baseline", store, budget)
     cfg = load_config(PPOConfig, None, [f"train.batch_size={len(ids)}", f"ppo.minibatch_size={budget['batch_size']}",
                                         f"train.learning_rate={budget['learning_rate']}"])
     accelerator = Accelerator(mixed_precision="bf16", cpu=not torch.cuda.is_available())
     torch.manual_seed(budget["seed"])
     with accelerator.autocast():
-        if sampler is not None:
-            sync_sampler(sampler, policy)
-        rollout = sample(sampler or policy, tokenizer, ids, mask, budget["max_new_tokens"], 0.7)
+        rollout = sample(policy, tokenizer, ids, mask, budget["max_new_tokens"], 0.7)
+    if side == "baseline":
+        forward = policy.forward
+
+        def plain_forward(*args, logits_to_keep: int = 0, **kwargs):
+            out = forward(*args, **kwargs)  # every position projected to the vocabulary
+            out.logits = out.logits[:, -logits_to_keep:]
+            return out
+
+        policy.forward = plain_forward
     # A fixed synthetic score (response length), so both sides optimise the same objective.
     score = rollout.response_mask.sum(dim=1) / budget["max_new_tokens"]
     model = ActorCritic(policy, nn.Linear(policy.config.hidden_size, 1), 0.7)

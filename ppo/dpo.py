@@ -50,7 +50,7 @@ def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
     #    policy with its adapter off. (full and freeze have no adapter to switch off, so TRL keeps a
     #    frozen copy as the reference.)
     tokenizer = models.load_tokenizer(init)
-    model = models.load_causal_lm(store, init, mode=cfg.mode, **models.frozen_weights(inputs.precision, cfg.mode))
+    model = models.load_causal_lm(store, init, mode=cfg.mode)
     peft_config, mode_facts = finetune.prepare(cfg, model, task_type="CAUSAL_LM")
 
     # 4. Train, resuming an identical killed run.

@@ -93,17 +93,14 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: ScoreFn, reward_artifa
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.train.seed + accelerator.process_index)
     tokenizer = models.load_tokenizer(policy_init)
-    # The frozen base is held in bf16 when computing in bf16: autocast would otherwise cast
-    # every fp32 weight again on every forward. The adapter and value head stay fp32.
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    base = models.load_causal_lm(store, policy_init, mode=cfg.mode, **({"dtype": dtype} if cfg.mode == "lora" else {}))
+    base = models.load_causal_lm(store, policy_init, mode=cfg.mode)
     if cfg.mode == "qlora":
         from peft import prepare_model_for_kbit_training
 
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     sampler = None
     if hp.merged_sampler and cfg.mode == "lora" and accelerator.distributed_type not in _SHARDED:
-        sampler = merged_sampler(base, dtype).to(accelerator.device)
+        sampler = merged_sampler(base, torch.bfloat16 if precision == "bf16" else torch.float32).to(accelerator.device)
     policy = get_peft_model(base, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
                                              target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
     value_head = nn.Linear(base.config.hidden_size, 1)

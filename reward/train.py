@@ -80,8 +80,7 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
     # 3. Model: the input checkpoint with a new one-output head, and the training mode on top.
     tokenizer = models.load_tokenizer(init)
     torch.manual_seed(cfg.train.seed)  # the new score head's init
-    model = models.load_sequence_classifier(store, init, cfg.mode, pad_token_id=tokenizer.pad_token_id,
-                                            **models.frozen_weights(inputs.precision, cfg.mode))
+    model = models.load_sequence_classifier(store, init, cfg.mode, pad_token_id=tokenizer.pad_token_id)
     peft_config, mode_facts = finetune.prepare(cfg, model, task_type="SEQ_CLS")
 
     # 4. Train, resuming an identical killed run from its scratch checkpoints.
@@ -104,8 +103,7 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
 
     # 5. Held-out evaluation and normalisation statistics, from text like every later scorer.
     run_metrics = training.run_metrics(trainer, run, inputs.precision)  # before the merge folds the adapter away
-    out_model = models.merge_full_precision(trainer.model, lambda: models.load_sequence_classifier(
-        store, init, cfg.mode, pad_token_id=tokenizer.pad_token_id)) if peft_config else trainer.model
+    out_model = trainer.model.merge_and_unload() if peft_config else trainer.model
     metrics = evaluate(out_model, tokenizer, split, cfg)
     with store.create("checkpoint", cfg.output, stage="reward", config=config) as w:
         # Saved merged, so scoring loads one standalone classifier (no adapter chain to follow).

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.errors import RlhfError
@@ -171,7 +171,7 @@ def load_causal_lm(store: ArtifactStore, art: Artifact, mode: str = "lora", samp
                             f"cannot be merged into weights; it can generate (rlhf generate, compare) but not be "
                             f"trained on: start from {base_art.ref} instead")
         # Merged in the checkpoint's own precision, and cast afterwards: a LoRA update added
-        # to bf16 weights would partly round away (see `merge_full_precision`).
+        # to bf16 weights (8 bits of mantissa) would partly round away.
         dtype = kwargs.pop("dtype", None)
         model = PeftModel.from_pretrained(load_causal_lm(store, base_art, **kwargs), art.path)
         model = model if adapter.is_prompt_learning else model.merge_and_unload()
@@ -185,43 +185,11 @@ def load_causal_lm(store: ArtifactStore, art: Artifact, mode: str = "lora", samp
     return AutoModelForCausalLM.from_pretrained(art.path, **kwargs)
 
 
-def frozen_weights(precision: str, mode: str) -> dict[str, Any]:
-    """`from_pretrained` arguments for a model whose base weights stay frozen while an adapter trains.
-
-    Under bf16 autocast every fp32 weight is cast to bf16 again on every forward pass; a
-    frozen weight never changes, so holding it in bf16 pays that cast once, at load. The
-    adapter stays fp32 (peft upcasts adapter weights), and weights the optimizer updates
-    (mode full or freeze) stay fp32.
-    """
-    import torch
-
-    return {"dtype": torch.bfloat16} if precision == "bf16" and mode == "lora" else {}
-
-
-def merge_full_precision(model, load_full: Callable[[], Any]):
-    """`model.merge_and_unload()`, into fp32 weights even when the frozen ones were held in bf16.
-
-    A LoRA update is small next to the weight it is added to: added to a bf16 weight (8 bits
-    of mantissa), much of it would round away. So the adapter of a model held in bf16 is
-    loaded onto a fresh full-precision copy from `load_full()` and merged there.
-    """
-    import torch
-    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-
-    if all(p.dtype == torch.float32 for p in model.parameters()):
-        return model.merge_and_unload()
-    full = get_peft_model(load_full(), model.peft_config[model.active_adapter])
-    set_peft_model_state_dict(full, get_peft_model_state_dict(model))
-    return full.merge_and_unload()
-
-
-def load_sequence_classifier(store: ArtifactStore, art: Artifact, mode: str = "lora", pad_token_id: int | None = None,
-                             dtype=None):
+def load_sequence_classifier(store: ArtifactStore, art: Artifact, mode: str = "lora", pad_token_id: int | None = None):
     """A causal-LM checkpoint as a one-output sequence classifier (a new linear `score` head).
 
     An adapter checkpoint is merged first, and its backbone weights copied into the classifier,
-    so no merged copy has to be written to disk. `dtype` applies to the backbone; the new head,
-    which trains in full, stays fp32.
+    so no merged copy has to be written to disk.
     """
     from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
     import torch
@@ -240,10 +208,6 @@ def load_sequence_classifier(store: ArtifactStore, art: Artifact, mode: str = "l
         getattr(model, prefix).load_state_dict(getattr(causal, prefix).state_dict())
     else:
         model = AutoModelForSequenceClassification.from_pretrained(art.path, **kwargs)
-    if dtype is not None:
-        model.to(dtype)
-        if getattr(model, "score", None) is not None:
-            model.score.float()
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return model

@@ -52,7 +52,7 @@ def main(cfg: SFTConfig, store: ArtifactStore) -> Artifact | None:
     tokenizer = models.load_tokenizer(base)
     if not tokenizer.chat_template:
         raise RlhfError(f"{base.ref} has no chat template; SFT on conversations needs one in its tokenizer")
-    model = models.load_causal_lm(store, base, mode=cfg.mode, **models.frozen_weights(inputs.precision, cfg.mode))
+    model = models.load_causal_lm(store, base, mode=cfg.mode)
     peft_config, mode_facts = finetune.prepare(cfg, model, task_type="CAUSAL_LM")
 
     # 4. Train, resuming from the scratch checkpoints of an identical earlier run if any.
@@ -79,7 +79,7 @@ def main(cfg: SFTConfig, store: ArtifactStore) -> Artifact | None:
     metrics = training.run_metrics(trainer, run, inputs.precision)
     out_model = trainer.model
     if cfg.merge:
-        out_model = models.merge_full_precision(out_model, lambda: models.load_causal_lm(store, base, mode=cfg.mode))
+        out_model = out_model.merge_and_unload()
     with store.create("checkpoint", cfg.output, stage="sft", config=config) as w:
         out_model.save_pretrained(w.path)
         tokenizer.save_pretrained(w.path)

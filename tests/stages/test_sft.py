@@ -69,8 +69,8 @@ def test_merged_lora_checkpoint_loads_as_plain_weights_and_continues_from_adapte
     assert not any("lora" in n for n, _ in model.named_parameters())
 
 
-def test_a_merge_after_bf16_training_keeps_the_whole_update_in_fp32(tiny_ws):
-    """LoRA trains over bf16-held frozen weights; the merge goes into fp32 so the update is not rounded away."""
+def test_a_merged_checkpoint_keeps_the_whole_update_in_fp32(tiny_ws):
+    """Trained under bf16 autocast, the adapter is merged into the fp32 weights, so none of its update rounds away."""
     import torch
     from transformers import AutoModelForCausalLM
 
