@@ -6,15 +6,15 @@ A process per side, so peak RSS and wall time are that side's own. Both sides ge
 work: the same model, rows, sequence length, optimiser steps, batch size, learning rate and
 seed. The baseline is what a user gets by calling the library directly with its defaults for
 everything else: TRL's trainers (bf16 autocast over fp32 weights, gradient checkpointing on),
-and for PPO, which TRL no longer has, the same loop run the plain way (fp32 weights under
-autocast, one `generate` call per prompt).
+and for PPO, which TRL no longer has, the same loop run the plain way (one `generate` call
+per prompt through the adapter; every position projected to the vocabulary in the update).
 
 Every result has `tokens_per_s` (real tokens, not padding), `peak_mem_mb`, `wall_s`,
 `metric` (named by `metric_name`) and `flops`, the model FLOPs of the timed work:
   forward 2·N per token; LoRA backward 2·N (activation gradients through the frozen
   weights; the adapter's own weight gradients are negligible), so LoRA training is 4·N per
-  token, and full training the usual 6·N. N counts every parameter that takes part in a
-  matmul, the tied embedding once (as the output projection).
+  token, and full training the usual 6·N. N counts the parameters that take part in a
+  matmul (`matmul_params`).
 """
 
 from __future__ import annotations
