@@ -30,7 +30,6 @@ from bench.stages import STAGES
 RESULTS = Path(__file__).resolve().parent / "results"
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless"
 DEMO_DATA = Path(__file__).resolve().parents[1] / "rlhf" / "demo_data"
-KEYS = ("tokens_per_s", "peak_mem_mb", "wall_s", "metric", "mfu")
 
 # The shared work per stage. steps: optimiser steps; batch_size: rows per step (the PPO
 # minibatch for ppo_update); rollout_prompts: prompts per rollout batch.

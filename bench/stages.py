@@ -149,10 +149,9 @@ def _preference_trainer(trainer_cls, config_cls, store: ArtifactStore, budget: d
     split = split_pairs(prefs, load_rows(prefs), budget["eval_fraction"], budget["seed"],
                         ["prompt", "chosen", "rejected"], stage="the benchmark")
     out = Path(tempfile.mkdtemp(prefix="bench-trl-"))
-    trainer = trainer_cls(model=model, args=_trl_args(config_cls, budget, out), train_dataset=split["train"],
-                          eval_dataset=split["test"], processing_class=models.load_tokenizer(store.resolve("base:latest")),
-                          peft_config=_lora(task_type))
-    return trainer
+    return trainer_cls(model=model, args=_trl_args(config_cls, budget, out), train_dataset=split["train"],
+                       eval_dataset=split["test"], processing_class=models.load_tokenizer(store.resolve("base:latest")),
+                       peft_config=_lora(task_type))
 
 
 # -- DPO ---------------------------------------------------------------------------------------
@@ -183,11 +182,11 @@ def dpo(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]:
 
 # -- PPO ---------------------------------------------------------------------------------------
 
-def _ppo_setup(side: str, store: ArtifactStore, budget: dict):
-    """The PPO actor (base + a fresh LoRA adapter), its sampler and a batch of encoded prompts.
+def _ppo_setup(store: ArtifactStore, budget: dict, with_sampler: bool):
+    """The PPO actor (base + a fresh LoRA adapter), optionally its sampler, and encoded prompts.
 
-    Both keep fp32 weights under bf16 autocast for training; the suite samples from a merged
-    bf16 copy, as `rlhf ppo` does, and the baseline through the adapter.
+    The actor keeps fp32 weights under bf16 autocast, as `rlhf ppo` does; the sampler is its
+    merged copy in the compute dtype.
     """
     import torch
     from peft import get_peft_model
@@ -201,7 +200,7 @@ def _ppo_setup(side: str, store: ArtifactStore, budget: dict):
     base = models.load_causal_lm(store, base_art)
     n = matmul_params(base)
     bf16 = models.resolve_precision("auto") == "bf16"
-    sampler = merged_sampler(base, torch.bfloat16 if bf16 else torch.float32) if side == "suite" else None
+    sampler = merged_sampler(base, torch.bfloat16 if bf16 else torch.float32) if with_sampler else None
     policy = get_peft_model(base, _lora("CAUSAL_LM"))
     prompts = [r["prompt"] for r in load_rows(store.resolve("prompts:latest"), schema="prompts")]
     prompts = prompts[:budget["rollout_prompts"]]
@@ -215,7 +214,7 @@ def ppo_rollout(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]
 
     from ppo.rollout import sample, sync_sampler
 
-    tokenizer, policy, sampler, ids, mask, n = _ppo_setup(side, store, budget)
+    tokenizer, policy, sampler, ids, mask, n = _ppo_setup(store, budget, with_sampler=side == "suite")
     torch.manual_seed(budget["seed"])
     start = time.perf_counter()
     with torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16):
@@ -248,7 +247,7 @@ def ppo_update(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]:
     from ppo.rollout import forward_response, sample
     from rlhf.config import PPOConfig, load_config
 
-    tokenizer, policy, _, ids, mask, n = _ppo_setup("baseline", store, budget)
+    tokenizer, policy, _, ids, mask, n = _ppo_setup(store, budget, with_sampler=False)
     cfg = load_config(PPOConfig, None, [f"train.batch_size={len(ids)}", f"ppo.minibatch_size={budget['batch_size']}",
                                         f"train.learning_rate={budget['learning_rate']}"])
     accelerator = Accelerator(mixed_precision="bf16", cpu=not torch.cuda.is_available())

@@ -170,12 +170,8 @@ def load_causal_lm(store: ArtifactStore, art: Artifact, mode: str = "lora", samp
             raise RlhfError(f"{art.ref} is a {str(adapter.peft_type.value).lower()} adapter, whose virtual tokens "
                             f"cannot be merged into weights; it can generate (rlhf generate, compare) but not be "
                             f"trained on: start from {base_art.ref} instead")
-        # Merged in the checkpoint's own precision, and cast afterwards: a LoRA update added
-        # to bf16 weights (8 bits of mantissa) would partly round away.
-        dtype = kwargs.pop("dtype", None)
         model = PeftModel.from_pretrained(load_causal_lm(store, base_art, **kwargs), art.path)
-        model = model if adapter.is_prompt_learning else model.merge_and_unload()
-        return model.to(dtype) if dtype is not None else model
+        return model if adapter.is_prompt_learning else model.merge_and_unload()
     if mode == "qlora":
         from transformers import BitsAndBytesConfig
 
