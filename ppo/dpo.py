@@ -50,13 +50,20 @@ def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
     #    policy with its adapter off. (full and freeze have no adapter to switch off, so TRL keeps a
     #    frozen copy as the reference.)
     tokenizer = models.load_tokenizer(init)
+    # TRL cuts each side at max_length and runs chosen and rejected in one batch.
+    longest = max(max(training.chat_lengths(tokenizer, [r["prompt"] + r[side] for r in split["train"]]))
+                  for side in ("chosen", "rejected"))
+    checkpointing, why = training.checkpointing_decision(
+        cfg.train.gradient_checkpointing, models.model_config(store, init), 2 * cfg.train.batch_size,
+        min(longest, cfg.max_length))
     model = models.load_causal_lm(store, init, mode=cfg.mode)
     peft_config, mode_facts = finetune.prepare(cfg, model, task_type="CAUSAL_LM")
 
     # 4. Train, resuming an identical killed run.
     config = dump(cfg)
     scratch = store.scratch_dir("dpo", training.run_id(config, [init, *inputs.datasets]))
-    args = trl.DPOConfig(**training.trainer_kwargs(cfg.train, scratch, inputs.precision, has_eval=True),
+    args = trl.DPOConfig(**training.trainer_kwargs(cfg.train, scratch, inputs.precision, has_eval=True,
+                                                   gradient_checkpointing=checkpointing),
                          max_length=cfg.max_length, beta=cfg.beta, loss_type=loss_type,
                          precompute_ref_log_probs=cfg.precompute_ref_log_probs, **cfg.trl)
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
@@ -65,6 +72,7 @@ def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
     with training.fast_lm_head_on_cpu():
         initial = trainer.evaluate()
         run = training.train_resumable(trainer, scratch)
+        stop = training.stop_metrics(trainer, cfg.train)  # before the final evaluation, which is not a patience step
         final = trainer.evaluate()
 
     trainer.accelerator.wait_for_everyone()
@@ -79,7 +87,7 @@ def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
         trainer.model.save_pretrained(w.path)
         tokenizer.save_pretrained(w.path)
         training.save_logs(trainer.state.log_history, w.path / "logs")
-        w.add_input("model", init)
+        w.add_input("model", init, loaded_as=models.loaded_as(store, init))
         w.add_input("reference", init)
         for dataset in inputs.datasets:
             w.add_input("data", dataset)
@@ -95,7 +103,8 @@ def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
             "eval_pairs": len(split["test"]),
             **({"data_mix": data_mix} if len(data_mix) > 1 else {}),
             **mode_facts,
-            **training.stop_metrics(trainer, cfg.train),
+            "gradient_checkpointing": {"enabled": checkpointing, "reason": why},
+            **stop,
             **run_metrics,
         })
     shutil.rmtree(scratch, ignore_errors=True)

@@ -216,7 +216,7 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: ScoreFn, reward_artifa
         unwrapped.policy.save_pretrained(w.path)
         tokenizer.save_pretrained(w.path)
         _save_curves(history, evals, w.path / "logs")
-        w.add_input("model", policy_init)
+        w.add_input("model", policy_init, loaded_as=models.loaded_as(store, policy_init))
         w.add_input("reference", policy_init)
         w.add_input("data", prompts_art)
         if reward_artifact:

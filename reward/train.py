@@ -77,32 +77,44 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
     split, data_mix = training.split_and_mix(inputs, cfg, lambda dataset, rows: rdata.split_pairs(
         dataset, rows, cfg.train.eval_fraction, cfg.train.seed, columns, stage="a reward model"))
 
-    # 3. Model: the input checkpoint with a new one-output head, and the training mode on top.
+    # 3. Lengths as TRL will tokenise them, before any model loads: TRL drops a pair whose chosen or
+    #    rejected side is longer than max_length; then whether the longest batch needs checkpointing.
     tokenizer = models.load_tokenizer(init)
-    torch.manual_seed(cfg.train.seed)  # the new score head's init
-    model = models.load_sequence_classifier(store, init, cfg.mode, pad_token_id=tokenizer.pad_token_id)
+    pair_lengths = [max(c, r) for c, r in zip(*(training.chat_lengths(tokenizer, _conversations(split["train"], side))
+                                                  for side in ("chosen", "rejected")))]
+    kept = [n for n in pair_lengths if n <= cfg.max_length]
+    too_long = len(pair_lengths) - len(kept)
+    if not kept:
+        raise RlhfError(f"all {too_long} training pairs of {', '.join(d.ref for d in inputs.datasets)} are longer "
+                        f"than max_length={cfg.max_length} tokens; raise max_length (the shortest has "
+                        f"{min(pair_lengths)})")
+    # Each batch holds the chosen and the rejected side of every pair.
+    checkpointing, why = training.checkpointing_decision(
+        cfg.train.gradient_checkpointing, models.model_config(store, init), 2 * cfg.train.batch_size, max(kept))
+
+    # 4. Model: the input checkpoint with a new one-output head, and the training mode on top.
+    model = models.load_sequence_classifier(store, init, cfg.mode, pad_token_id=tokenizer.pad_token_id,
+                                            seed=cfg.train.seed)
     peft_config, mode_facts = finetune.prepare(cfg, model, task_type="SEQ_CLS")
 
-    # 4. Train, resuming an identical killed run from its scratch checkpoints.
+    # 5. Train, resuming an identical killed run from its scratch checkpoints.
     config = dump(cfg)
     scratch = store.scratch_dir("reward", training.run_id(config, [init, *inputs.datasets]))
-    args = trl.RewardConfig(**training.trainer_kwargs(cfg.train, scratch, inputs.precision, has_eval=True),
+    args = trl.RewardConfig(**training.trainer_kwargs(cfg.train, scratch, inputs.precision, has_eval=True,
+                                                      gradient_checkpointing=checkpointing),
                             max_length=cfg.max_length, **cfg.trl)
     trainer = _trainer_class()(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
                                processing_class=tokenizer, peft_config=peft_config, center_coef=cfg.center_coef,
                                callbacks=training.callbacks(cfg.train))
-    too_long = len(split["train"]) - len(trainer.train_dataset)
-    if len(trainer.train_dataset) == 0:
-        raise RlhfError(f"all {too_long} training pairs of {', '.join(d.ref for d in inputs.datasets)} are longer "
-                        f"than max_length={cfg.max_length} tokens; raise max_length")
     run = training.train_resumable(trainer, scratch)
 
     trainer.accelerator.wait_for_everyone()
     if not trainer.accelerator.is_main_process:
         return None
 
-    # 5. Held-out evaluation and normalisation statistics, from text like every later scorer.
+    # 6. Held-out evaluation and normalisation statistics, from text like every later scorer.
     run_metrics = training.run_metrics(trainer, run, inputs.precision)  # before the merge folds the adapter away
+    stop = training.stop_metrics(trainer, cfg.train)
     out_model = trainer.model.merge_and_unload() if peft_config else trainer.model
     metrics = evaluate(out_model, tokenizer, split, cfg)
     with store.create("checkpoint", cfg.output, stage="reward", config=config) as w:
@@ -111,7 +123,7 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
         tokenizer.save_pretrained(w.path)
         training.save_logs(trainer.state.log_history, w.path / "logs")
         write_report(metrics, w.path / "report", metrics.pop("_margins"))
-        w.add_input("model", init)
+        w.add_input("model", init, loaded_as=models.loaded_as(store, init))
         for dataset in inputs.datasets:
             w.add_input("data", dataset)
         w.metrics.update(metrics)
@@ -122,7 +134,8 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
             **({"data_mix": data_mix} if len(data_mix) > 1 else {}),
             "used_margin": use_margin,
             **mode_facts,
-            **training.stop_metrics(trainer, cfg.train),
+            "gradient_checkpointing": {"enabled": checkpointing, "reason": why},
+            **stop,
             **run_metrics,
         })
     shutil.rmtree(scratch, ignore_errors=True)

@@ -158,12 +158,14 @@ class ArtifactWriter:
     metrics: dict[str, Any] = field(default_factory=dict)
     result: Artifact | None = None  # the published version, set when the `with` block exits cleanly
 
-    def add_input(self, role: str, artifact: Artifact) -> None:
+    def add_input(self, role: str, artifact: Artifact, **extra: Any) -> None:
+        """Record an artifact this version was made from; `extra` says how it was used (e.g. `loaded_as`)."""
         self.inputs.append({
             "role": role,
             "ref": artifact.ref,
             "path": artifact.path.relative_to(artifact.path.parents[2]).as_posix(),
             "content_hash": artifact.content_hash,
+            **extra,
         })
 
     def add_file_input(self, role: str, file: Path, **extra: Any) -> None:
@@ -357,6 +359,8 @@ class ArtifactStore:
                 lines.append(f"{indent}{branch}{inp['role']}: {inp['ref']}  (missing from this workspace)")
                 continue
             note = "" if parent.content_hash == inp["content_hash"] else "  (CHANGED since it was used)"
+            if "loaded_as" in inp:
+                note += f"  ({inp['loaded_as']})"
             lines.append(f"{indent}{branch}{inp['role']}: {parent.ref}  [{parent.manifest['stage']}]"
                          f"  @{parent.content_hash[:12]}{note}")
             if parent.ref in seen:

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp = base_sub.add_parser("import", parents=[common], help="packaged default model, or PATH")
     imp.add_argument("path", nargs="?", help="a local transformers checkpoint directory")
     imp.add_argument("--name", default="base")
+    imp.add_argument("--chat-template", metavar="FILE",
+                     help="a Jinja chat template for a tokenizer that has none (or to replace its own)")
 
     data = sub.add_parser("data", parents=[common], help="import datasets")
     data_sub = data.add_subparsers(dest="action", required=True)
@@ -136,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "base":
         from rlhf.models import import_base
 
-        art = import_base(store, args.path, name=args.name)
+        art = import_base(store, args.path, name=args.name, chat_template=args.chat_template)
         print(f"imported {art.ref} -> {art.path}")
     elif args.command == "data":
         from rlhf.data import import_dataset
@@ -254,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        resume = "; finished trials are kept: run the same command to resume" if args.command == "sweep" else ""
+        resume = {"sweep": "; finished trials are kept: run the same command to resume"}.get(
+            args.command, "; run the same command again to resume from its last trainer checkpoint"
+            if args.command in SWEEPABLE else "")
         print(f"error: interrupted; the run in progress published no artifact{resume}", file=sys.stderr)
         return 130
 

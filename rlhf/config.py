@@ -11,10 +11,10 @@ import dataclasses
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rlhf.errors import RlhfError
 
@@ -32,6 +32,19 @@ _Loader.add_implicit_resolver(
 
 def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
+
+
+def _artifact_name(name: str) -> str:
+    from rlhf.artifacts import NAME_RE
+
+    if not NAME_RE.match(name):
+        raise ValueError(f"{name!r} is not a valid artifact name; use letters, digits, '.', '_' and '-', "
+                         "starting with a letter or digit")
+    return name
+
+
+# An output name, checked with the config so that a bad one fails before any work, not at publish.
+ArtifactName = Annotated[str, AfterValidator(_artifact_name)]
 
 
 class Section(BaseModel):
@@ -53,12 +66,23 @@ class TrainConfig(Section):
     logging_steps: int = Field(5, ge=1)
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto = bf16 autocast where the hardware has it (CUDA bf16, CPU AMX/AVX512-BF16)")
-    gradient_checkpointing: bool = Field(
-        False, description="recompute activations to save memory; off because small models fit without it")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError(f"train.max_steps={v} trains nothing; give a positive number of steps, "
+                             "or -1 to run train.epochs full passes")
+        return v
 
 
 class FineTuneTrainConfig(TrainConfig):
-    """The budget of the TRL fine-tuning stages (sft, reward), which can also stop early."""
+    """The budget of the TRL fine-tuning stages (sft, reward, dpo), which can also stop early."""
+
+    gradient_checkpointing: Literal["auto"] | bool = Field(
+        "auto", description="recompute activations to save memory (~30% slower steps); auto = on only when the "
+                            "longest batch's estimated activations exceed half the free memory (the manifest says "
+                            "what was chosen and why)")
 
     early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after K evaluations without improvement of eval_loss and keep the best "
@@ -105,7 +129,7 @@ class StageConfig(Section):
     model: str
     data: str
     train: TrainConfig = TrainConfig()
-    output: str
+    output: ArtifactName
 
 
 ADAPTER_MODES = ("lora", "qlora", "peft")
@@ -165,7 +189,7 @@ class FineTuneConfig(StageConfig):
 class SFTConfig(FineTuneConfig):
     model: str = "base:latest"
     data: str | list[str] = "sft:latest"
-    output: str = "sft"
+    output: ArtifactName = "sft"
     max_length: int = Field(512, ge=8, description="tokens per example; longer ones are truncated")
     merge: bool = Field(False, description="merge the LoRA adapter into the weights before saving")
     trl: dict[str, Any] = Field(default_factory=dict, description="passed through to trl.SFTConfig")
@@ -181,7 +205,7 @@ class SFTConfig(FineTuneConfig):
 class RewardConfig(FineTuneConfig):
     model: str = "sft:latest"
     data: str | list[str] = "preferences:latest"
-    output: str = "reward"
+    output: ArtifactName = "reward"
     max_length: int = Field(512, ge=8, description="tokens per prompt+response; longer pairs are dropped and counted")
     use_margin: bool = Field(True, description="use the dataset's margin column where every row has one")
     center_coef: float = Field(0.0, ge=0, description="weight of the reward-centering term mean((r_c+r_r)^2)")
@@ -193,7 +217,7 @@ class RewardConfig(FineTuneConfig):
 class DPOConfig(FineTuneConfig):
     model: str = "sft:latest"
     data: str | list[str] = "preferences:latest"
-    output: str = "dpo"
+    output: ArtifactName = "dpo"
     max_length: int = Field(512, ge=8, description="tokens per prompt+response")
     beta: float = Field(0.1, gt=0, description="strength of the implicit KL constraint to the reference")
     loss_type: str | list[str] = Field("sigmoid", description="any TRL DPO loss: sigmoid, ipo, hinge, robust, ...")
@@ -233,7 +257,7 @@ class PPOConfig(StageConfig):
     reward: str = "reward:latest"
     data: str = "prompts:latest"
     eval_data: str | None = Field(None, description="held-out prompts ref; default: train.eval_fraction of `data`")
-    output: str = "ppo"
+    output: ArtifactName = "ppo"
     mode: Literal["lora", "qlora"] = "lora"
     lora: LoraConfig = LoraConfig()
     ppo: PPOHyperparameters = PPOHyperparameters()
@@ -252,7 +276,7 @@ class SamplingConfig(Section):
 class GenerateConfig(Section):
     model: str = "sft:latest"
     data: str = "prompts:latest"
-    output: str = "candidates"
+    output: ArtifactName = "candidates"
     k: int = Field(4, ge=1, description="responses sampled per prompt")
     sampling: SamplingConfig = SamplingConfig()
     batch_size: int = Field(8, ge=1, description="prompts per generate() call (each with k samples)")
@@ -265,7 +289,7 @@ class GenerateConfig(Section):
 class ScoreConfig(Section):
     reward: str = "reward:latest"
     data: str = "candidates:latest"
-    output: str | None = Field(None, description="dataset name for the scored copy; default: the input's name")
+    output: ArtifactName | None = Field(None, description="dataset name for the scored copy; default: the input's name")
     batch_size: int = Field(16, ge=1)
 
 
@@ -279,7 +303,7 @@ class CompareConfig(Section):
     seed: int = 0
     tie_margin: float = Field(0.0, ge=0, description="score differences up to this count as ties")
     bootstrap_samples: int = Field(1000, ge=100)
-    output: str = "compare"
+    output: ArtifactName = "compare"
     precision: Literal["auto", "bf16", "fp32"] = "auto"
 
     @field_validator("judge", mode="before")
@@ -351,8 +375,9 @@ def format_validation_error(e: ValidationError, cls: type[BaseModel]) -> str:
             hint = (f"; did you mean {', '.join(repr(c) for c in close)}?" if close
                     else f"; valid keys: {', '.join(keys)}")
             parts.append(f"unknown key {loc!r}{hint}")
-        elif err["type"] == "value_error":  # our validators' messages already name the keys
-            parts.append(err["msg"].removeprefix("Value error, "))
+        elif err["type"] == "value_error":  # our validators' messages, which may name their key
+            msg = err["msg"].removeprefix("Value error, ")
+            parts.append(msg if not loc or loc in msg else f"{loc}: {msg}")
         elif loc:
             parts.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
         else:

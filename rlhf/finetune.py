@@ -84,14 +84,9 @@ def check(cfg, store: ArtifactStore, model: Artifact, task_type: str) -> None:
 
 def num_layers(store: ArtifactStore, art: Artifact) -> int:
     """Transformer blocks of a checkpoint, read from its config (an adapter's from its base's)."""
-    from transformers import AutoConfig
+    from rlhf.models import model_config
 
-    from rlhf.models import base_of, is_adapter
-
-    while is_adapter(art):
-        art = base_of(store, art)
-    config = AutoConfig.from_pretrained(art.path).get_text_config()
-    return config.num_hidden_layers
+    return model_config(store, art).get_text_config().num_hidden_layers
 
 
 # -- freeze ----------------------------------------------------------------------------------

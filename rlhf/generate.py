@@ -96,7 +96,7 @@ def main(cfg: GenerateConfig, store: ArtifactStore) -> Artifact:
     n_tokens = sum(len(tokenizer(r["text"], add_special_tokens=False)["input_ids"]) for o in out for r in o["responses"])
     with store.create("dataset", cfg.output, stage="generate", config={**dump(cfg), "schema": "candidates"}) as w:
         rdata.write_rows(w.path / rdata.DATA_FILE, out)
-        w.add_input("model", policy)
+        w.add_input("model", policy, loaded_as=models.loaded_as(store, policy))
         w.add_input("data", prompts_art)
         w.metrics.update({"prompts": len(rows), "responses": sum(len(o["responses"]) for o in out),
                           "duplicates_removed": duplicates, "empty_removed": empty,

@@ -72,8 +72,12 @@ def default_gguf() -> Path:
     return path
 
 
-def import_base(store: ArtifactStore, path: str | Path | None = None, name: str = "base") -> Artifact:
-    """Convert the packaged GGUF (or any local transformers checkpoint) into `checkpoints/<name>/vK`."""
+def import_base(store: ArtifactStore, path: str | Path | None = None, name: str = "base",
+                chat_template: str | Path | None = None) -> Artifact:
+    """Convert the packaged GGUF (or any local transformers checkpoint) into `checkpoints/<name>/vK`.
+
+    `chat_template` is a Jinja file that replaces (or supplies) the tokenizer's chat template.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if path is None:
@@ -86,6 +90,13 @@ def import_base(store: ArtifactStore, path: str | Path | None = None, name: str 
             raise RlhfError(f"{src} is not a transformers checkpoint directory (no config.json); "
                             "pass a directory written by save_pretrained")
         kwargs, source = {}, src
+    template = None
+    if chat_template is not None:
+        try:
+            template = Path(chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise RlhfError(f"--chat-template {chat_template}: cannot read it ({e.__class__.__name__}); "
+                            "pass a UTF-8 Jinja template file") from None
     store.check_writable()
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
@@ -98,10 +109,16 @@ def import_base(store: ArtifactStore, path: str | Path | None = None, name: str 
         model.hf_quantizer = None
         del model.config.quantization_config
     model.config.name_or_path = name
+    if template is not None:
+        tokenizer.chat_template = template
+    elif not tokenizer.chat_template:
+        log.warning("%s: the tokenizer has no chat template, which every stage needs; import again with "
+                    "--chat-template FILE", source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     with store.create("checkpoint", name, stage="base import",
-                      config={"source": str(Path(source).resolve())}) as w:
+                      config={"source": str(Path(source).resolve()),
+                              "chat_template": str(Path(chat_template).resolve()) if chat_template else None}) as w:
         model.save_pretrained(w.path)
         tokenizer.save_pretrained(w.path)
         w.add_file_input("source", source)
@@ -121,9 +138,14 @@ def is_adapter(art: Artifact) -> bool:
 
 
 def load_tokenizer(art: Artifact):
+    """The checkpoint's tokenizer; every stage works on conversations, so it must have a chat template."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(art.path)
+    if not tokenizer.chat_template:
+        raise RlhfError(f"{art.ref} has no chat template in its tokenizer, and every stage formats conversations "
+                        f"with one; import the model again with one: rlhf base import PATH --chat-template FILE "
+                        f"(a Jinja template file, e.g. ChatML)")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -135,6 +157,31 @@ def base_of(store: ArtifactStore, art: Artifact) -> Artifact:
     if inp is None:
         raise RlhfError(f"{art.ref} is an adapter but its manifest names no base model")
     return store.resolve(inp["ref"], kind="checkpoint")
+
+
+def loaded_as(store: ArtifactStore, art: Artifact) -> str:
+    """How a stage starting from `art` gets its weights, for the manifest and `lineage`.
+
+    Adapters are merged down their lineage in memory, so training always starts from plain
+    weights; a stage that trains a new adapter saves it on top of `art`, and loading it later
+    follows the same chain (stacked adapters).
+    """
+    chain = []
+    while is_adapter(art):
+        chain.append(art.ref)
+        art = base_of(store, art)
+    if not chain:
+        return "full weights"
+    return f"adapter {' + '.join(reversed(chain))} merged into {art.ref}"
+
+
+def model_config(store: ArtifactStore, art: Artifact):
+    """The transformers config of a checkpoint, an adapter's read from its base, without loading weights."""
+    from transformers import AutoConfig
+
+    while is_adapter(art):
+        art = base_of(store, art)
+    return AutoConfig.from_pretrained(art.path)
 
 
 def check_policy(art: Artifact) -> Artifact:
@@ -181,11 +228,13 @@ def load_causal_lm(store: ArtifactStore, art: Artifact, mode: str = "lora", samp
     return AutoModelForCausalLM.from_pretrained(art.path, **kwargs)
 
 
-def load_sequence_classifier(store: ArtifactStore, art: Artifact, mode: str = "lora", pad_token_id: int | None = None):
+def load_sequence_classifier(store: ArtifactStore, art: Artifact, mode: str = "lora", pad_token_id: int | None = None,
+                             seed: int | None = None):
     """A causal-LM checkpoint as a one-output sequence classifier (a new linear `score` head).
 
     An adapter checkpoint is merged first, and its backbone weights copied into the classifier,
-    so no merged copy has to be written to disk.
+    so no merged copy has to be written to disk. With `seed`, a new head is drawn from that
+    seed alone, so the same weights saved as an adapter or merged start the same reward model.
     """
     from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
     import torch
@@ -199,11 +248,25 @@ def load_sequence_classifier(store: ArtifactStore, art: Artifact, mode: str = "l
         if mode == "qlora":
             raise RlhfError(f"{art.ref} is a LoRA adapter; merge it first (merge=true) to train QLoRA on it")
         causal = load_causal_lm(store, art)
-        model = AutoModelForSequenceClassification.from_config(causal.config, num_labels=1)
+        config = causal.config
+        # num_labels is a config attribute; `from_config` passes other keywords to the model
+        # class, whose generic classifier __init__ takes none.
+        config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(config, dtype=causal.dtype)
         prefix = model.base_model_prefix
         getattr(model, prefix).load_state_dict(getattr(causal, prefix).state_dict())
+        new_head = True
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(art.path, **kwargs)
+        model, info = AutoModelForSequenceClassification.from_pretrained(art.path, output_loading_info=True, **kwargs)
+        new_head = bool(info["missing_keys"])
+    head = getattr(model, "score", None)
+    if seed is not None and new_head and isinstance(head, torch.nn.Linear):
+        # As transformers initialises a new head, N(0, initializer_range), but from `seed` only.
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * model.config.initializer_range)
+            if head.bias is not None:
+                head.bias.zero_()
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return model

@@ -29,23 +29,49 @@ def run_id(config: dict[str, Any], inputs: list[Artifact]) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def last_complete_checkpoint(scratch: Path) -> Path | None:
-    """The newest `checkpoint-N` whose trainer state was written.
+RUN_TOTALS = "run_totals.json"
 
-    transformers writes a checkpoint's files one by one and `trainer_state.json` last, so a
-    run killed mid-save leaves a directory without it; that one is skipped (and removed).
+
+def last_complete_checkpoint(scratch: Path) -> Path | None:
+    """The newest `checkpoint-N` whose trainer state and run totals were both written.
+
+    transformers writes a checkpoint's files one by one and `trainer_state.json` last, and
+    `RunTotals` adds its file after that, so a run killed mid-save leaves a directory without
+    one of them; that one is skipped (and removed).
     """
     best = None
     for d in sorted(scratch.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])):
         try:
             json.loads((d / "trainer_state.json").read_text())
+            json.loads((d / RUN_TOTALS).read_text())
             best = d
         except (OSError, ValueError):
             shutil.rmtree(d, ignore_errors=True)
     return best
 
 
-def trainer_kwargs(train: TrainConfig, scratch: Path, precision: str, has_eval: bool) -> dict[str, Any]:
+def _run_totals_callback(trainer, prior: dict[str, float], start: float):
+    """Writes, into every trainer checkpoint, the loss sum, tokens and wall time of the run so far,
+    so that a resumed run's metrics can describe the whole run (the trainer's own cover only the
+    part after the resume)."""
+    from transformers import TrainerCallback
+
+    class RunTotals(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            totals = {
+                "loss_sum": prior["loss_sum"] + trainer._total_loss_scalar + float(trainer._tr_loss),
+                "train_tokens": prior["train_tokens"] + trainer._total_train_tokens,
+                "wall_s": prior["wall_s"] + time.perf_counter() - start,
+            }
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / RUN_TOTALS
+            if path.parent.is_dir():
+                path.write_text(json.dumps(totals))
+
+    return RunTotals()
+
+
+def trainer_kwargs(train: TrainConfig, scratch: Path, precision: str, has_eval: bool,
+                   gradient_checkpointing: bool = False) -> dict[str, Any]:
     """The `transformers.TrainingArguments` fields our `train:` section maps to."""
     import torch
 
@@ -61,9 +87,9 @@ def trainer_kwargs(train: TrainConfig, scratch: Path, precision: str, has_eval: 
         "data_seed": train.seed,
         "bf16": precision == "bf16",  # autocast; on a CPU it needs use_cpu below
         "use_cpu": not torch.cuda.is_available(),
-        # TRL turns this on by default; recompute costs ~30% step time and the models this
-        # suite trains on one machine fit without it, so it is opt-in.
-        "gradient_checkpointing": train.gradient_checkpointing,
+        # TRL turns this on by default; the recompute costs ~30% step time, so it is on only where
+        # memory needs it (`checkpointing_decision`).
+        "gradient_checkpointing": gradient_checkpointing,
         "eval_strategy": "steps" if (has_eval and train.eval_steps) else "no",
         "eval_steps": train.eval_steps,
         "save_strategy": "steps",
@@ -86,6 +112,57 @@ def trainer_kwargs(train: TrainConfig, scratch: Path, precision: str, has_eval: 
             "restore_callback_states_from_checkpoint": True,
         })
     return kwargs
+
+
+def chat_lengths(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False) -> list[int]:
+    """Token count of each conversation as TRL tokenises it (the chat template applied)."""
+    ids = tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=False,
+                                        add_generation_prompt=add_generation_prompt)
+    return [len(x) for x in ids]
+
+
+def available_memory_bytes() -> int:
+    """Free memory where training runs: the GPU's, else what the kernel can still give this process
+    (MemAvailable, capped by a cgroup memory limit where one is set)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0]
+    free = None
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            free = int(line.split()[1]) * 1024
+    try:
+        limit, used = (Path("/sys/fs/cgroup", f).read_text().strip() for f in ("memory.max", "memory.current"))
+        if limit != "max":
+            free = min(free or 1 << 62, int(limit) - int(used))
+    except OSError:
+        pass
+    return free if free is not None else 1 << 62
+
+
+def activation_bytes(model_config, sequences: int, length: int) -> int:
+    """Estimated activations a backward pass keeps for `sequences` rows of `length` tokens, without
+    checkpointing: per token and layer, about 8 hidden-size, 4 MLP-size and 2·heads·length attention
+    values (scores and probabilities, as the math attention path materialises them), in fp32, which
+    CPU autocast keeps for norms and softmax. Close to Korthikanti et al. 2022's count; on
+    SmolLM2-135M at 16 × 512 tokens it gives ~20 GB, what the reward stage was seen to reach."""
+    cfg = model_config.get_text_config()
+    h, layers, heads = cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads
+    mlp = getattr(cfg, "intermediate_size", None) or 4 * h
+    per_token_layer = 4 * (8 * h + 4 * mlp + 2 * heads * length)
+    return sequences * length * layers * per_token_layer
+
+
+def checkpointing_decision(setting: bool | str, model_config, sequences: int, length: int) -> tuple[bool, str]:
+    """Whether to recompute activations, and why, for batches of `sequences` rows of up to `length` tokens."""
+    if setting != "auto":
+        return bool(setting), f"train.gradient_checkpointing={str(setting).lower()}"
+    need, free = activation_bytes(model_config, sequences, length), available_memory_bytes()
+    on = need > free / 2
+    gb = lambda b: f"{b / 2**30:.1f} GB"
+    return on, (f"auto: the longest batch ({sequences} x {length} tokens) needs ~{gb(need)} of activations, "
+                f"{'more' if on else 'less'} than half the {gb(free)} free")
 
 
 def callbacks(train: TrainConfig) -> list:
@@ -194,9 +271,11 @@ def save_logs(log_history: list[dict[str, Any]], out_dir: Path) -> None:
 
 @dataclass
 class TrainRun:
-    """What a finished `trainer.train()` leaves for the manifest."""
+    """What a finished `trainer.train()` leaves for the manifest: totals over the whole run,
+    the part before a resume included."""
 
-    result: Any
+    train_loss: float
+    train_tokens: int
     wall_s: float
     resumed_from: Path | None
 
@@ -204,11 +283,33 @@ class TrainRun:
 def train_resumable(trainer, scratch: Path) -> TrainRun:
     """Train, continuing from the last complete checkpoint an identical killed run left in `scratch`."""
     resume = last_complete_checkpoint(scratch) if scratch.exists() else None
+    prior = {"loss_sum": 0.0, "train_tokens": 0, "wall_s": 0.0}
     if resume:
         log.warning("resuming from %s", resume)
+        prior = json.loads((resume / RUN_TOTALS).read_text())
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    return TrainRun(result, time.perf_counter() - start, resume)
+    trainer.add_callback(_run_totals_callback(trainer, prior, start))
+    resumed_steps = int(resume.name.split("-")[-1]) if resume else 0
+    if resume and _finished(resume):
+        # Killed after its last step was saved: transformers would train one step more on resume.
+        from transformers import TrainerState
+
+        trainer._load_from_checkpoint(str(resume))
+        trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+        session_loss = 0.0
+    else:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        # transformers' training_loss is the mean over the steps of this process only.
+        session_loss = result.training_loss * (trainer.state.global_step - resumed_steps)
+    steps = trainer.state.global_step
+    loss_sum = prior["loss_sum"] + session_loss
+    return TrainRun(train_loss=loss_sum / max(steps, 1), train_tokens=prior["train_tokens"] + trainer._total_train_tokens,
+                    wall_s=prior["wall_s"] + time.perf_counter() - start, resumed_from=resume)
+
+
+def _finished(checkpoint: Path) -> bool:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return state["global_step"] >= state["max_steps"]
 
 
 def run_metrics(trainer, run: TrainRun, precision: str) -> dict[str, Any]:
@@ -216,13 +317,12 @@ def run_metrics(trainer, run: TrainRun, precision: str) -> dict[str, Any]:
     from rlhf.models import count_parameters
 
     trainable, total = count_parameters(trainer.model)
-    # Real (non-padding) tokens this run trained on, counted by TRL per batch across processes.
-    tokens = trainer._total_train_tokens
     return {
-        "train_loss": run.result.training_loss,
+        "train_loss": run.train_loss,
         "steps": trainer.state.global_step,
-        "train_tokens": tokens,
-        "tokens_per_s": tokens / run.wall_s,
+        # Real (non-padding) tokens, counted by TRL per batch across processes.
+        "train_tokens": run.train_tokens,
+        "tokens_per_s": run.train_tokens / run.wall_s,
         "wall_s": run.wall_s,
         "peak_mem_mb": peak_memory_mb(),
         "precision": precision,

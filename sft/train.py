@@ -16,12 +16,15 @@ Loss is on the completion only. A killed run resumes from its last trainer check
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 from rlhf import finetune, models, training
 from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.config import SFTConfig, dump
 from rlhf.errors import RlhfError
+
+log = logging.getLogger(__name__)
 
 
 def check(cfg: SFTConfig, store: ArtifactStore) -> training.Inputs:
@@ -48,18 +51,23 @@ def main(cfg: SFTConfig, store: ArtifactStore) -> Artifact | None:
     split, data_mix = training.split_and_mix(inputs, cfg, lambda _, rows: Dataset.from_list(rows).train_test_split(
         test_size=cfg.train.eval_fraction, seed=cfg.train.seed))
 
-    # 3. Model, tokenizer, and the training mode: an adapter config, or frozen layers.
+    # 3. Lengths as TRL will tokenise them, before any model loads: what is cut, and whether
+    #    anything is left to learn from; then whether the longest batch needs checkpointing.
     tokenizer = models.load_tokenizer(base)
-    if not tokenizer.chat_template:
-        raise RlhfError(f"{base.ref} has no chat template; SFT on conversations needs one in its tokenizer")
+    length_facts, longest = fit_lengths(tokenizer, split, cfg.max_length, inputs.datasets)
+    checkpointing, why = training.checkpointing_decision(
+        cfg.train.gradient_checkpointing, models.model_config(store, base), cfg.train.batch_size, longest)
+
+    # 4. Model and the training mode: an adapter config, or frozen layers.
     model = models.load_causal_lm(store, base, mode=cfg.mode)
     peft_config, mode_facts = finetune.prepare(cfg, model, task_type="CAUSAL_LM")
 
-    # 4. Train, resuming from the scratch checkpoints of an identical earlier run if any.
+    # 5. Train, resuming from the scratch checkpoints of an identical earlier run if any.
     config = dump(cfg)
     scratch = store.scratch_dir("sft", training.run_id(config, [base, *inputs.datasets]))
     args = trl.SFTConfig(
-        **training.trainer_kwargs(cfg.train, scratch, inputs.precision, has_eval=True),
+        **training.trainer_kwargs(cfg.train, scratch, inputs.precision, has_eval=True,
+                                  gradient_checkpointing=checkpointing),
         max_length=cfg.max_length,
         completion_only_loss=True,
         **cfg.trl,
@@ -70,9 +78,10 @@ def main(cfg: SFTConfig, store: ArtifactStore) -> Artifact | None:
     with training.fast_lm_head_on_cpu():
         eval_loss_initial = trainer.evaluate()["eval_loss"]
         run = training.train_resumable(trainer, scratch)
+        stop = training.stop_metrics(trainer, cfg.train)  # before the final evaluation, which is not a patience step
         final_eval = trainer.evaluate()
 
-    # 5. Publish the artifact (main process only under `accelerate launch`).
+    # 6. Publish the artifact (main process only under `accelerate launch`).
     trainer.accelerator.wait_for_everyone()
     if not trainer.accelerator.is_main_process:
         return None
@@ -84,7 +93,7 @@ def main(cfg: SFTConfig, store: ArtifactStore) -> Artifact | None:
         out_model.save_pretrained(w.path)
         tokenizer.save_pretrained(w.path)
         training.save_logs(trainer.state.log_history, w.path / "logs")
-        w.add_input("model", base)
+        w.add_input("model", base, loaded_as=models.loaded_as(store, base))
         for dataset in inputs.datasets:
             w.add_input("data", dataset)
         w.metrics.update({
@@ -95,8 +104,34 @@ def main(cfg: SFTConfig, store: ArtifactStore) -> Artifact | None:
             **({"data_mix": data_mix} if len(data_mix) > 1 else {}),
             **mode_facts,
             "merged": cfg.merge,
-            **training.stop_metrics(trainer, cfg.train),
+            **length_facts,
+            "gradient_checkpointing": {"enabled": checkpointing, "reason": why},
+            **stop,
             **metrics,
         })
     shutil.rmtree(scratch, ignore_errors=True)
     return w.result
+
+
+def fit_lengths(tokenizer, split, max_length: int, datasets: list[Artifact]) -> tuple[dict, int]:
+    """Count the examples TRL will cut at `max_length`, and those left with no completion token
+    (which TRL drops); refuse when a side has none left. Returns (facts, longest kept length)."""
+    facts, longest = {}, 0
+    for part, what in (("train", "training"), ("test", "held-out")):
+        rows = split[part]
+        full = training.chat_lengths(tokenizer, [r["prompt"] + r["completion"] for r in rows])
+        prompt = training.chat_lengths(tokenizer, [r["prompt"] for r in rows], add_generation_prompt=True)
+        cut = sum(n > max_length for n in full)
+        dropped = sum(p >= max_length for p in prompt)
+        if dropped == len(rows):
+            raise RlhfError(f"all {len(rows)} {what} examples of {', '.join(d.ref for d in datasets)} have prompts of "
+                            f"max_length={max_length} tokens or more, which leaves no reply to learn from; raise "
+                            f"max_length (the longest example has {max(full)} tokens)")
+        if cut:
+            log.warning("%d of %d %s examples are longer than max_length=%d tokens and are cut (the longest has %d); "
+                        "raise max_length, or drop them at import: rlhf data import sft FILE --max-tokens %d",
+                        cut, len(rows), what, max_length, max(full), max_length)
+        key = "train" if part == "train" else "eval"
+        facts.update({f"{key}_rows_truncated": cut, f"{key}_rows_dropped_too_long": dropped})
+        longest = max(longest, min(max(full), max_length))
+    return facts, longest

