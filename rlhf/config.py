@@ -34,6 +34,9 @@ def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
+PROJECT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
 def _artifact_name(name: str) -> str:
     from rlhf.artifacts import NAME_RE
 
@@ -321,8 +324,12 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     raw: dict[str, Any] = {}
     if path:
         p = Path(path)
+        if not p.is_file() and not p.is_absolute() and p.parts[:1] == ("configs",):
+            # The shipped configs, as the README names them, from any directory.
+            p = PROJECT_CONFIGS.parent / p
         if not p.is_file():
-            raise RlhfError(f"config file {p} not found; pass an existing YAML file to --config")
+            raise RlhfError(f"config file {path} not found; pass an existing YAML file to --config "
+                            f"(the shipped ones are {PROJECT_CONFIGS}/<stage>.yaml)")
         try:
             raw = _yaml(p.read_text()) or {}
         except yaml.YAMLError as e:

@@ -30,6 +30,8 @@ from rlhf.errors import RlhfError
 ROLES = ("system", "user", "assistant")
 DATA_FILE = "data.jsonl"
 MAX_RECORDED_INVALID = 200
+DEMO_DATA = Path(__file__).parent / "demo_data"
+DEMO_PREFIX = "demo:"
 
 
 class RowError(ValueError):
@@ -256,6 +258,18 @@ def validate_file(path: Path, schema: str, skip_invalid: bool, fmt: str | None =
     return rows, invalid, dropped
 
 
+def data_path(file: str | Path) -> Path:
+    """`demo:NAME` is a file of the packaged demo data (found through the package, from any
+    directory); anything else is a path."""
+    if isinstance(file, str) and file.startswith(DEMO_PREFIX):
+        path = DEMO_DATA / file.removeprefix(DEMO_PREFIX)
+        if not path.is_file():
+            files = ", ".join(DEMO_PREFIX + p.name for p in sorted(DEMO_DATA.glob("*.jsonl")))
+            raise RlhfError(f"{file}: no such demo file; the packaged demo data is {files}")
+        return path
+    return Path(file)
+
+
 def import_dataset(store: ArtifactStore, schema: str, file: str | Path, name: str | None = None,
                    skip_invalid: bool = False, fmt: str | None = None, cleaning: Cleaning | None = None) -> Artifact:
     """Validate `file` against `schema` and store it as a new version of dataset `name`.
@@ -267,7 +281,7 @@ def import_dataset(store: ArtifactStore, schema: str, file: str | Path, name: st
         raise RlhfError(f"unknown dataset schema {schema!r}; expected one of {', '.join(SCHEMAS)}")
     if fmt not in (None, "trl") and fmt not in FORMATS:
         raise RlhfError(f"unknown format {fmt!r}; expected trl or {', '.join(FORMATS)}")
-    path = Path(file)
+    path = data_path(file)
     store.check_writable()
     cleaning = cleaning if cleaning and cleaning.active else None
     tokenizer_art, cleaner = None, None

@@ -14,13 +14,11 @@ import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator
 
 from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.config import CompareConfig, GenerateConfig, SFTConfig, dump, load_config
 
-DEMO_DATA = Path(__file__).parent / "demo_data"
 ANNOTATORS = [f"annotator-{i}" for i in range(1, 6)]
 
 SIZES = {
@@ -83,9 +81,9 @@ def run_demo(store: ArtifactStore, quick: bool = False, seed: int = 0) -> dict[s
         base = models.import_base(store)
         print(f"  {base.ref}")
     with _step(2, total, "data import (SFT set, prompts, held-out prompts)", timings):
-        sft_data = data.import_dataset(store, "sft", DEMO_DATA / "support_sft.jsonl", name="sft")
-        prompts = data.import_dataset(store, "prompts", DEMO_DATA / "support_prompts.jsonl", name="prompts")
-        heldout = data.import_dataset(store, "prompts", DEMO_DATA / "support_prompts_heldout.jsonl", name="heldout")
+        sft_data = data.import_dataset(store, "sft", data.DEMO_DATA / "support_sft.jsonl", name="sft")
+        prompts = data.import_dataset(store, "prompts", data.DEMO_DATA / "support_prompts.jsonl", name="prompts")
+        heldout = data.import_dataset(store, "prompts", data.DEMO_DATA / "support_prompts_heldout.jsonl", name="heldout")
         print(f"  {sft_data.ref}, {prompts.ref}, {heldout.ref}")
     with _step(3, total, "sft (LoRA)", timings):
         sft = sft_main(load_config(SFTConfig, None, [f"model={base.ref}", f"data={sft_data.ref}", "merge=true",
