@@ -201,14 +201,83 @@ class TrainRun:
     resumed_from: Path | None
 
 
+def _fault_points(trainer) -> None:
+    """The kill points of tests/faults (rlhf/faults.py): after loading, at a step, and inside a
+    checkpoint save once its weights, optimizer and RNG are written but not yet trainer_state.json."""
+    from transformers import TrainerCallback
+
+    from rlhf import faults
+
+    class FaultPoints(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            faults.point("load")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            faults.point(f"step-{state.global_step}")
+
+    trainer.add_callback(FaultPoints())
+    save_rng_state = trainer._save_rng_state
+
+    def save_rng_state_then_point(output_dir):
+        save_rng_state(output_dir)
+        faults.point(f"checkpoint-{trainer.state.global_step}")
+
+    trainer._save_rng_state = save_rng_state_then_point
+
+
 def train_resumable(trainer, scratch: Path) -> TrainRun:
     """Train, continuing from the last complete checkpoint an identical killed run left in `scratch`."""
+    _fault_points(trainer)
     resume = last_complete_checkpoint(scratch) if scratch.exists() else None
     if resume:
         log.warning("resuming from %s", resume)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if resume and _finished(resume):
+        result = _load_finished(trainer, resume)
+    else:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     return TrainRun(result, time.perf_counter() - start, resume)
+
+
+def _finished(checkpoint: Path) -> bool:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return state["global_step"] >= state["max_steps"] > 0
+
+
+def _load_finished(trainer, checkpoint: Path):
+    """Load a run's final checkpoint without training: it was killed after training, while publishing.
+
+    `trainer.train` resumed from a checkpoint at max_steps takes one step more before it checks
+    whether to stop (transformers 5.24), so the re-run would publish different weights.
+    """
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    return TrainOutput(trainer.state.global_step, 0.0, {})
+
+
+def _train_loss(trainer, run: TrainRun) -> float:
+    """Mean training loss over every step of the run, a resumed one included.
+
+    transformers averages only the steps of this `train()` call, so a resumed run reports the
+    tail alone (and 0.0 when resumed from its final checkpoint). The steps before the resume
+    are taken from the logged losses the checkpoint kept, each weighted by the steps it covers.
+    """
+    steps_now = trainer.state.global_step
+    if run.resumed_from is None:
+        return run.result.training_loss
+    resumed_at = int(run.resumed_from.name.split("-")[-1])
+    logged, last, total = 0.0, 0, 0
+    for entry in trainer.state.log_history:
+        if "loss" in entry and entry["step"] <= resumed_at:
+            logged += entry["loss"] * (entry["step"] - last)
+            last = total = entry["step"]
+    if not total:
+        return run.result.training_loss
+    before = logged / total
+    return (before * resumed_at + run.result.training_loss * (steps_now - resumed_at)) / max(steps_now, 1)
 
 
 def run_metrics(trainer, run: TrainRun, precision: str) -> dict[str, Any]:
@@ -219,7 +288,7 @@ def run_metrics(trainer, run: TrainRun, precision: str) -> dict[str, Any]:
     # Real (non-padding) tokens this run trained on, counted by TRL per batch across processes.
     tokens = trainer._total_train_tokens
     return {
-        "train_loss": run.result.training_loss,
+        "train_loss": _train_loss(trainer, run),
         "steps": trainer.state.global_step,
         "train_tokens": tokens,
         "tokens_per_s": tokens / run.wall_s,
