@@ -259,7 +259,8 @@ class ArtifactStore:
         """Build a new version of `name` in a temporary directory; publish it on clean exit.
 
         On an exception the temporary directory is removed and no version appears. A process
-        killed mid-build leaves only a hidden `.tmp-*` directory, which listing ignores.
+        killed mid-build leaves only a hidden `.tmp-*` directory, which listing ignores and the next
+        writer of `name` removes.
         """
         if kind not in KIND_DIRS:
             raise ValueError(f"unknown artifact kind {kind!r}")
@@ -324,7 +325,7 @@ class ArtifactStore:
         d = self.root / KIND_DIRS[kind] / name
         if not d.is_dir():
             return []
-        return sorted(int(m.group(1)) for p in d.iterdir() if (m := VERSION_RE.match(p.name)) and p.is_dir())
+        return sorted(int(m.group(1)) for p in d.iterdir() if (m := VERSION_RE.match(p.name)))
 
     def names(self, kind: str) -> list[str]:
         d = self.root / KIND_DIRS[kind]

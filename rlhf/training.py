@@ -269,14 +269,14 @@ def _train_loss(trainer, run: TrainRun) -> float:
     if run.resumed_from is None:
         return run.result.training_loss
     resumed_at = int(run.resumed_from.name.split("-")[-1])
-    logged, last, total = 0.0, 0, 0
+    logged, last = 0.0, 0
     for entry in trainer.state.log_history:
         if "loss" in entry and entry["step"] <= resumed_at:
             logged += entry["loss"] * (entry["step"] - last)
-            last = total = entry["step"]
-    if not total:
+            last = entry["step"]
+    if not last:
         return run.result.training_loss
-    before = logged / total
+    before = logged / last  # steps between the last log and the resume count at this mean
     return (before * resumed_at + run.result.training_loss * (steps_now - resumed_at)) / max(steps_now, 1)
 
 
