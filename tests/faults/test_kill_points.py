@@ -6,14 +6,16 @@ left, runs the same command again, and compares the result with an uninterrupted
 command on another copy. Forked, not spawned: a fresh interpreter spends ~10 s importing trl,
 a fork of this one starts at once.
 
-The matrix (stage x point -> expected outcome) is MATRIX below. The five points:
-  load        after the inputs are loaded, before any work is kept   -> restarted clean
-  mid-train   after step 3, with a trainer checkpoint at step 2       -> resumed from 2
-  checkpoint  inside the step-4 save: weights, optimizer and RNG written, trainer state not
-                                                                      -> resumed from 2 (partial 4 skipped)
-  publish     the version fully built in its .tmp-*, before the rename -> nothing visible; resumed
-  published   right after the rename, before the scratch is removed   -> that version stays; the re-run
-                                                                         adds one more
+The points (MATRIX below maps each stage's to RLHF_FAULT names and the expected outcome):
+  load        after the inputs are loaded, before any work is kept
+  mid-train   after step 3, with a trainer checkpoint at step 2
+  checkpoint  inside the step-4 save: weights, optimizer and RNG written, trainer_state.json not
+  publish     the version built whole in its .tmp-*, before the rename
+  published   right after the rename, before a training stage removes its scratch
+After the kill and the re-run: no version is half-visible, no .tmp-* is left, every version
+verifies; the versions are an uninterrupted run's plus those the killed run published and the
+re-run did not reuse; a training stage resumed from the expected step or started clean; the
+final metrics are the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import time
 import traceback
 from collections import Counter
 from pathlib import Path
@@ -70,7 +73,7 @@ MATRIX: dict[str, dict[str, tuple[str, str] | str]] = {
     "compare": {"load": ("load", "restarted"), "mid-train": ("published:responses-base", "reused"),
                 "checkpoint": "N/A: the answers it publishes per model are its checkpoints (mid-train)",
                 "publish": ("publish:compare", "reused"), "published": ("published:compare", "reused")},
-    # export writes rankings, then preferences from the same labels.
+    # export writes rankings, then preferences from the same labels; a re-run writes both again.
     "label export": {"load": ("load", "restarted"), "mid-train": ("published:rankings", "restarted"),
                      "checkpoint": "N/A: nothing to checkpoint", "publish": ("publish:preferences", "restarted"),
                      "published": ("published:preferences", "restarted")},
@@ -121,19 +124,30 @@ def copy_of(template: Path, dest: Path) -> Path:
     return dest
 
 
-def run_killed(ws: Path, args: list[str], fault: str) -> int:
+def run_killed(ws: Path, args: list[str], fault: str, timeout: float = 300) -> int:
     """Run `rlhf ARGS` in a forked child that SIGKILLs itself at `fault`; return its wait status."""
     pid = os.fork()
     if pid == 0:  # the child: never return into pytest
         code = 1
         try:
+            import torch
+
+            # As DataLoader workers do: an OpenMP pool the parent started does not survive a fork.
+            torch.set_num_threads(1)
             os.environ["RLHF_FAULT"] = fault
             code = cli.main(["--workspace", str(ws), *args])
         except BaseException:
             traceback.print_exc()
         finally:
             os._exit(code)
-    return os.waitpid(pid, 0)[1]
+    deadline = time.monotonic() + timeout
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"rlhf {' '.join(args)} did not reach {fault} within {timeout:.0f} s")
+        time.sleep(0.05)
+    return done[1]
 
 
 def versions(ws: Path) -> set[str]:
