@@ -8,8 +8,8 @@ sha256 per file and the environment.
 A version is written whole or not at all: it is built in a hidden temporary sibling
 directory, the manifest is written last, and the directory is renamed into place while
 holding a per-name lock, so two concurrent writers get distinct versions and a crash leaves
-nothing visible behind. The temporary's name records its writer (host, boot, pid, start time);
-the next writer of that name removes the temporaries of writers that are gone.
+nothing visible behind. The temporary's name records its writer (host, pid namespace, boot, pid,
+start time); the next writer of that name removes the temporaries of writers that are gone.
 
 The manifest carries `manifest_hash`, the sha256 of its own canonical JSON, so an edit made
 after publishing (a metric, an input ref) is refused on every load, as a changed file is by
@@ -51,7 +51,7 @@ REF_RE = re.compile(
     r"(?::(?P<tag>latest|v\d+)|@(?P<sha>[0-9a-fA-F]{4,64}))?$"
 )
 VERSION_RE = re.compile(r"^v(\d{4,})$")
-# .tmp-<uuid>.<pid>.<process start time>.<boot id>.<host>
+# .tmp-<uuid>.<pid>.<process start time>.<boot id>.<host>.<pid namespace>
 TMP_RE = re.compile(r"^\.tmp-[0-9a-f]{32}\.(\d+)\.(\d+)\.([0-9a-f]+)\.(.+)$")
 REQUIRED = ("name", "version", "kind", "stage", "created_at", "inputs", "files", "file_sizes", "content_hash",
             "manifest_hash")
@@ -101,7 +101,13 @@ def _boot_id() -> str:
 
 
 def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
+    """This host and pid namespace: a pid means the same process only within both (two containers
+    sharing a workspace and a host name still differ here)."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
+    try:
+        return f"{host}.{re.sub(r'[^0-9]', '', os.readlink('/proc/self/ns/pid'))}"
+    except OSError:
+        return host
 
 
 def _owner() -> str | None:
