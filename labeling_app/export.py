@@ -25,7 +25,7 @@ from typing import Any, Sequence
 from labeling_app import agreement
 from labeling_app.labels import LabelRecord, Ranking, label_records, rankings_by_item, usable
 from labeling_app.store import LabelStore, TaskSet
-from rlhf import data
+from rlhf import data, faults
 from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.errors import RlhfError
 
@@ -238,6 +238,7 @@ def export(artifact_store: ArtifactStore, label_store: LabelStore, pairs: str = 
     if not rows:
         raise RlhfError(f"task set {ts.name!r} gives no preference pair ({dict(counts)}); nothing was written")
     metrics = {**counts, "annotators": len({r.annotator for r in records}), **agreement_metrics(records)}
+    faults.point("load")
     config = {"task_set": ts.name, "task_set_kind": ts.kind, "overlap": ts.overlap, "pairs": pairs,
               "min_annotators": min_annotators, "candidates": [c.ref for c in candidates],
               "label_db": label_store.safe_url}

@@ -28,7 +28,7 @@ from ppo import core
 from ppo.rollout import (Rollout, decode_responses, encode_prompts, forward_response, merged_sampler, sample,
                          sync_sampler)
 from rlhf import data as rdata
-from rlhf import models, training
+from rlhf import faults, models, training
 from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.config import PPOConfig, dump
 from rlhf.errors import RlhfError
@@ -126,6 +126,7 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: ScoreFn, reward_artifa
     history: list[dict] = []
     evals: list[dict] = []
     start_iter = _resume(scratch, unwrapped, optimizer, kl_ctl, history, evals)
+    faults.point("load")
     truncated = 0
     timings = {"generation_s": 0.0, "generation_tokens": 0, "update_s": 0.0, "update_tokens": 0}
     run_start = time.perf_counter()
@@ -205,6 +206,7 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: ScoreFn, reward_artifa
         history.append(record)
         if accelerator.is_main_process:
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}), flush=True)
+        faults.point(f"step-{it + 1}")
         if (it + 1) % cfg.train.save_steps == 0 and it + 1 < n_iters:
             _save_state(scratch, it + 1, unwrapped, optimizer, kl_ctl, history, evals, accelerator)
 
@@ -338,6 +340,7 @@ def _save_state(scratch, iteration, unwrapped, optimizer, kl_ctl, history, evals
     torch.save({"iteration": iteration, "trainable": _trainable_state(unwrapped),
                 "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value, "history": history,
                 "evals": evals, "rng": torch.get_rng_state()}, tmp)
+    faults.point(f"checkpoint-{iteration}")
     os.replace(tmp, scratch / "state.pt")
 
 

@@ -8,7 +8,12 @@ sha256 per file and the environment.
 A version is written whole or not at all: it is built in a hidden temporary sibling
 directory, the manifest is written last, and the directory is renamed into place while
 holding a per-name lock, so two concurrent writers get distinct versions and a crash leaves
-nothing visible behind.
+nothing visible behind. The temporary's name records its writer (host, pid namespace, boot, pid,
+start time); the next writer of that name removes the temporaries of writers that are gone.
+
+The manifest carries `manifest_hash`, the sha256 of its own canonical JSON, so an edit made
+after publishing (a metric, an input ref) is refused on every load, as a changed file is by
+`verify`. Every load also checks that each listed file is present at its recorded size.
 
 Refs: `name`, `name:latest`, `name:vN`, `name@<content-hash prefix>`, each optionally
 prefixed by the kind directory (`datasets/sft:v2`) when a name exists under two kinds.
@@ -27,6 +32,7 @@ import os
 import platform
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -34,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from rlhf import faults
 from rlhf.errors import RlhfError
 
 KIND_DIRS = {"dataset": "datasets", "checkpoint": "checkpoints", "report": "reports"}
@@ -44,6 +51,10 @@ REF_RE = re.compile(
     r"(?::(?P<tag>latest|v\d+)|@(?P<sha>[0-9a-fA-F]{4,64}))?$"
 )
 VERSION_RE = re.compile(r"^v(\d{4,})$")
+# .tmp-<uuid>.<pid>.<process start time>.<boot id>.<host>.<pid namespace>
+TMP_RE = re.compile(r"^\.tmp-[0-9a-f]{32}\.(\d+)\.(\d+)\.([0-9a-f]+)\.(.+)$")
+REQUIRED = ("name", "version", "kind", "stage", "created_at", "inputs", "files", "file_sizes", "content_hash",
+            "manifest_hash")
 
 
 def sha256_file(path: Path) -> str:
@@ -67,6 +78,56 @@ def hash_tree(root: Path) -> dict[str, str]:
 def content_hash(files: dict[str, str]) -> str:
     """One hash for a version's content: the hash of its sorted (path, sha256) list."""
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def manifest_hash(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without its own `manifest_hash` field."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_hash"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _start_time(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot), or None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name before ")" may hold spaces
+
+
+@functools.cache
+def _boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")
+
+
+def _host() -> str:
+    """This host and pid namespace: a pid means the same process only within both (two containers
+    sharing a workspace and a host name still differ here)."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
+    try:
+        return f"{host}.{re.sub(r'[^0-9]', '', os.readlink('/proc/self/ns/pid'))}"
+    except OSError:
+        return host
+
+
+def _owner() -> str | None:
+    """This process as its temporaries name it, or None where /proc cannot tell a live writer from a dead one."""
+    try:
+        return f"{os.getpid()}.{_start_time(os.getpid())}.{_boot_id()}.{_host()}"
+    except (OSError, IndexError):
+        return None
+
+
+def _writer_is_gone(tmp: Path) -> bool:
+    """True only for a temporary whose writer, on this host, has exited (a reused pid has a new start time).
+
+    A temporary of another host, or with no owner in its name, is never judged gone.
+    """
+    m = TMP_RE.match(tmp.name)
+    if not m or m[4] != _host() or _owner() is None:
+        return False
+    pid, start, boot = m[1], m[2], m[3]
+    return boot != _boot_id() or _start_time(int(pid)) != start
 
 
 @functools.cache
@@ -206,7 +267,8 @@ class ArtifactStore:
         """Build a new version of `name` in a temporary directory; publish it on clean exit.
 
         On an exception the temporary directory is removed and no version appears. A process
-        killed mid-build leaves only a hidden `.tmp-*` directory, which listing ignores.
+        killed mid-build leaves only a hidden `.tmp-*` directory, which listing ignores and the next
+        writer of `name` removes.
         """
         if kind not in KIND_DIRS:
             raise ValueError(f"unknown artifact kind {kind!r}")
@@ -218,7 +280,8 @@ class ArtifactStore:
         self.check_writable()
         name_dir = self.root / KIND_DIRS[kind] / name
         name_dir.mkdir(parents=True, exist_ok=True)
-        tmp = name_dir / f".tmp-{uuid.uuid4().hex}"
+        owner = _owner()
+        tmp = name_dir / f".tmp-{uuid.uuid4().hex}{'.' + owner if owner else ''}"
         tmp.mkdir()
         writer = ArtifactWriter(path=tmp, kind=kind, name=name, stage=stage, config=config or {})
         try:
@@ -231,6 +294,9 @@ class ArtifactStore:
     def _publish(self, w: ArtifactWriter, name_dir: Path) -> Artifact:
         files = hash_tree(w.path)
         with _locked(name_dir / ".lock"):
+            for tmp in name_dir.glob(".tmp-*"):
+                if _writer_is_gone(tmp):  # killed mid-build: nothing else would ever remove it
+                    shutil.rmtree(tmp, ignore_errors=True)
             version = max(self.versions(w.kind, w.name), default=0) + 1
             manifest = {
                 "name": w.name,
@@ -242,13 +308,19 @@ class ArtifactStore:
                 "config": w.config,
                 "metrics": w.metrics,
                 "files": files,
+                "file_sizes": {rel: (w.path / rel).stat().st_size for rel in files},
                 "content_hash": content_hash(files),
                 "environment": environment(),
             }
+            # Hashed as it reads back, so values JSON cannot hold (a Path) hash as the strings stored.
+            manifest = json.loads(json.dumps(manifest, default=str))
+            manifest["manifest_hash"] = manifest_hash(manifest)
             _write_json_durably(w.path / MANIFEST, manifest)
             final = name_dir / f"v{version:04d}"
+            faults.point(f"publish:{w.name}")
             os.rename(w.path, final)  # atomic: the version appears whole or not at all
             _fsync_dir(name_dir)
+            faults.point(f"published:{w.name}")
         return Artifact(final, manifest)
 
     def scratch_dir(self, stage: str, run_id: str) -> Path:
@@ -269,20 +341,61 @@ class ArtifactStore:
             return []
         return sorted(p.name for p in d.iterdir() if p.is_dir() and self.versions(kind, p.name))
 
-    def load(self, kind: str, name: str, version: int) -> Artifact:
+    def read(self, kind: str, name: str, version: int) -> tuple[Artifact | None, str | None]:
+        """(the version, None), or (None, what is wrong with its manifest) for a damaged one."""
         path = self.root / KIND_DIRS[kind] / name / f"v{version:04d}"
         try:
             manifest = json.loads((path / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise RlhfError(f"{path}: manifest.json is unreadable ({e}); the version is damaged") from None
-        return Artifact(path, manifest)
+        except FileNotFoundError:
+            return None, "manifest.json is missing"
+        except (OSError, ValueError) as e:
+            return None, f"manifest.json is unreadable ({' '.join(str(e).split())[:200]})"
+        if not isinstance(manifest, dict) or (missing := [k for k in REQUIRED if k not in manifest]):
+            what = ", ".join(missing) if isinstance(manifest, dict) else "everything (it is not a JSON object)"
+            return None, f"manifest.json lacks {what}"
+        if manifest.get("manifest_hash") != manifest_hash(manifest):
+            return None, "manifest.json was edited after publishing (its manifest_hash does not match)"
+        if (manifest["kind"], manifest["name"], manifest["version"]) != (kind, name, version):
+            return None, (f"manifest.json describes {manifest['kind']} {manifest['name']!r} v{manifest['version']}, "
+                          "not this directory")
+        return Artifact(path, manifest), None
+
+    def load(self, kind: str, name: str, version: int) -> Artifact:
+        art, problem = self.read(kind, name, version)
+        if problem:
+            ref = f"{KIND_DIRS[kind]}/{name}:v{version}"
+            raise RlhfError(f"{ref} is damaged: {problem}; run `rlhf artifacts verify {ref}`")
+        return art
+
+    def scan(self) -> Iterator[tuple[str, Artifact | None, str | None]]:
+        """(exact ref, version or None, problem or None) for every version directory, damaged ones included."""
+        for kind in KIND_DIRS:
+            for name in self.names(kind):
+                for v in self.versions(kind, name):
+                    yield (f"{KIND_DIRS[kind]}/{name}:v{v}", *self.read(kind, name, v))
 
     def list(self) -> list[Artifact]:
-        return [self.load(kind, name, v)
-                for kind in KIND_DIRS for name in self.names(kind) for v in self.versions(kind, name)]
+        """Every intact version; a damaged one is left out (`scan` reports it)."""
+        return [a for _, a, _ in self.scan() if a]
 
-    def resolve(self, ref: str, kind: str | None = None) -> Artifact:
-        """Resolve a ref to exactly one version, or fail with a line that lists what exists."""
+    def check_files(self, art: Artifact) -> None:
+        """Every file the manifest lists is present at its recorded size: cheap, and before any load.
+
+        A same-size change is left to `verify`, which rehashes everything.
+        """
+        for rel, size in art.manifest["file_sizes"].items():
+            try:
+                actual = (art.path / rel).stat().st_size
+            except OSError:
+                problem = f"{rel} is missing"
+            else:
+                if actual == size:
+                    continue
+                problem = f"{rel} is {actual} bytes where its manifest records {size}"
+            raise RlhfError(f"{art.ref} is damaged: {problem}; run `rlhf artifacts verify {art.ref}`")
+
+    def locate(self, ref: str, kind: str | None = None) -> tuple[str, str, int]:
+        """(kind, name, version) that `ref` names, or fail with a line that lists what exists."""
         m = REF_RE.match(ref.strip())
         if not m:
             raise RlhfError(
@@ -313,35 +426,58 @@ class ArtifactStore:
         have = ", ".join(f"v{v}" for v in versions)
         if m["sha"]:
             prefix = m["sha"].lower()
-            hits = [a for v in versions if (a := self.load(k, name, v)).content_hash.startswith(prefix)]
+            # A damaged version's recorded hash cannot be trusted, so it matches nothing.
+            hits = [v for v in versions if (a := self.read(k, name, v)[0]) and a.content_hash.startswith(prefix)]
             if len(hits) != 1:
                 problem = "matches no version" if not hits else f"matches {len(hits)} versions"
                 raise RlhfError(f"ref {ref!r} {problem} of {KIND_DIRS[k]}/{name} (versions: {have})")
-            return hits[0]
+            return k, name, hits[0]
         if m["tag"] and m["tag"] != "latest":
             v = int(m["tag"][1:])
             if v not in versions:
                 raise RlhfError(f"no version v{v} of {KIND_DIRS[k]}/{name}; it has {have}")
-            return self.load(k, name, v)
-        return self.load(k, name, versions[-1])
+            return k, name, v
+        return k, name, versions[-1]
+
+    def resolve(self, ref: str, kind: str | None = None, check_files: bool = True) -> Artifact:
+        """Resolve a ref to exactly one intact version, or fail with one line that says why.
+
+        With `check_files` (what every stage reading an input wants) its files are checked too.
+        """
+        art = self.load(*self.locate(ref, kind))
+        if check_files:
+            self.check_files(art)
+        return art
 
     # -- checking --------------------------------------------------------------
 
     def verify(self, ref: str) -> list[str]:
-        """Recompute every file hash; return one line per changed, missing or extra file."""
-        art = self.resolve(ref)
+        """Recompute every hash; return one line per damaged manifest, changed, missing or extra file."""
+        kind, name, version = self.locate(ref)
+        art, problem = self.read(kind, name, version)
+        problems = [f"manifest: {problem}"] if problem else []
+        if art is None:
+            # An edited manifest that still lists files: say so, and still check them.
+            path = self.root / KIND_DIRS[kind] / name / f"v{version:04d}"
+            try:
+                manifest = json.loads((path / MANIFEST).read_text())
+            except (OSError, ValueError):
+                return problems
+            if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+                return problems
+            art = Artifact(path, manifest)
         recorded = art.manifest["files"]
         actual = hash_tree(art.path)
-        problems = [f"changed: {p}" for p in recorded if p in actual and actual[p] != recorded[p]]
+        problems += [f"changed: {p}" for p in recorded if p in actual and actual[p] != recorded[p]]
         problems += [f"missing: {p}" for p in recorded if p not in actual]
         problems += [f"unexpected: {p}" for p in actual if p not in recorded]
-        if content_hash(recorded) != art.content_hash:
+        if content_hash(recorded) != art.manifest.get("content_hash"):
             problems.append("manifest: content_hash does not match its file list")
         return problems
 
     def lineage(self, ref: str) -> str:
         """The tree of inputs behind `ref`, back to imported files and the base model."""
-        art = self.resolve(ref)
+        art = self.resolve(ref, check_files=False)
         lines = [f"{art.ref}  [{art.manifest['stage']}]  @{art.content_hash[:12]}"]
         self._lineage_lines(art, "", lines, seen=set())
         return "\n".join(lines)
@@ -354,9 +490,9 @@ class ArtifactStore:
             if "file" in inp:
                 lines.append(f"{indent}{branch}{inp['role']}: file {inp['file']}  sha256 {inp['sha256'][:12]}")
                 continue
-            parent = self._load_input(inp)
+            parent, problem = self._load_input(inp)
             if parent is None:
-                lines.append(f"{indent}{branch}{inp['role']}: {inp['ref']}  (missing from this workspace)")
+                lines.append(f"{indent}{branch}{inp['role']}: {inp['ref']}  ({problem})")
                 continue
             note = "" if parent.content_hash == inp["content_hash"] else "  (CHANGED since it was used)"
             if "loaded_as" in inp:
@@ -368,11 +504,14 @@ class ArtifactStore:
             seen.add(parent.ref)
             self._lineage_lines(parent, indent + child_indent, lines, seen)
 
-    def _load_input(self, inp: dict[str, Any]) -> Artifact | None:
+    def _load_input(self, inp: dict[str, Any]) -> tuple[Artifact | None, str]:
         path = self.root / inp["path"]
-        if not (path / MANIFEST).is_file():
-            return None
-        return Artifact(path, json.loads((path / MANIFEST).read_text()))
+        m = VERSION_RE.match(path.name)
+        kind = next((k for k, d in KIND_DIRS.items() if d == path.parent.parent.name), None)
+        if not path.is_dir() or not m or kind is None:
+            return None, "missing from this workspace"
+        art, problem = self.read(kind, path.parent.name, int(m[1]))
+        return art, f"damaged: {problem}"
 
 
 @contextlib.contextmanager

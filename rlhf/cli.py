@@ -31,7 +31,7 @@ import sys
 import warnings
 from typing import Callable
 
-from rlhf.artifacts import ArtifactStore
+from rlhf.artifacts import KIND_DIRS, ArtifactStore
 from rlhf.config import (CompareConfig, DPOConfig, GenerateConfig, PPOConfig, RewardConfig, ScoreConfig, SFTConfig,
                          load_config)
 from rlhf.errors import RlhfError
@@ -208,24 +208,31 @@ def _sweep(store: ArtifactStore, args: argparse.Namespace) -> int:
 
 def _artifacts(store: ArtifactStore, args: argparse.Namespace) -> int:
     if args.action == "list":
-        arts = store.list()
-        if not arts:
-            print(f"no artifacts in {store.root}")
-        for a in arts:
+        listed = damaged = 0
+        for ref, a, problem in store.scan():
+            if a is None:  # reported, and the rest still listed
+                print(f"error: {ref} is damaged: {problem}; run `rlhf artifacts verify {ref}`", file=sys.stderr)
+                damaged += 1
+                continue
+            listed += 1
             print(f"{a.ref:40s} {a.manifest['stage']:12s} {a.manifest['created_at']}  @{a.content_hash[:12]}")
+        if not listed and not damaged:
+            print(f"no artifacts in {store.root}")
+        return 1 if damaged else 0
     elif args.action == "show":
-        print(json.dumps(store.resolve(args.ref).manifest, indent=2))
+        print(json.dumps(store.resolve(args.ref, check_files=False).manifest, indent=2))
     elif args.action == "lineage":
         print(store.lineage(args.ref))
     elif args.action == "verify":
-        art = store.resolve(args.ref)
+        kind, name, version = store.locate(args.ref)
+        ref = f"{KIND_DIRS[kind]}/{name}:v{version}"
         problems = store.verify(args.ref)
         for p in problems:
-            print(f"{art.ref}: {p}")
+            print(f"{ref}: {p}")
         if problems:
-            print(f"error: {art.ref} failed verification ({len(problems)} problem(s))", file=sys.stderr)
+            print(f"error: {ref} failed verification ({len(problems)} problem(s))", file=sys.stderr)
             return 1
-        print(f"{art.ref}: ok, {len(art.manifest['files'])} files match their hashes")
+        print(f"{ref}: ok, {len(store.load(kind, name, version).manifest['files'])} files match their hashes")
     return 0
 
 

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rlhf import faults
 from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.config import CompareConfig, dump
 from rlhf.errors import RlhfError
@@ -297,6 +298,7 @@ def main(cfg: CompareConfig, store: ArtifactStore) -> Artifact:
     prompts_art = store.resolve(cfg.data, kind="dataset")
     rows = data.load_rows(prompts_art, schema="prompts")[:cfg.limit]
     judge_inputs = _check_judges(store, cfg.judge)
+    faults.point("load")
 
     answers = {}
     for label, model in zip(labels, models):

@@ -23,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from rlhf import faults
 from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.cleaning import Cleaner, Cleaning, RowCleaned
 from rlhf.errors import RlhfError
@@ -294,6 +295,7 @@ def import_dataset(store: ArtifactStore, schema: str, file: str | Path, name: st
                                             prepare=cleaner.prepare if cleaner else None)
     if cleaner:
         rows = cleaner.filter(rows)
+    faults.point("load")
     if not rows:
         why = f"{len(invalid)} invalid" + "".join(f", {n} {reason}" for reason, n in filtered.items())
         why += "".join(f", {n} {step}" for step, n in (cleaner.counts.items() if cleaner else ()) if n)

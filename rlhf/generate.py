@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from rlhf import faults
 from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.config import GenerateConfig, dump
 
@@ -72,6 +73,7 @@ def main(cfg: GenerateConfig, store: ArtifactStore) -> Artifact:
         import torch
 
         model = model.to(torch.bfloat16)
+    faults.point("load")
     start = time.perf_counter()
     samples = sample_replies(model, tokenizer, [r["prompt"] for r in rows], cfg.sampling.max_new_tokens,
                              cfg.sampling.temperature, cfg.batch_size, cfg.seed, k=cfg.k, top_p=cfg.sampling.top_p,

@@ -280,8 +280,33 @@ class TrainRun:
     resumed_from: Path | None
 
 
+def _fault_points(trainer) -> None:
+    """The kill points of tests/faults (rlhf/faults.py): after loading, at a step, and inside a
+    checkpoint save once its weights, optimizer and RNG are written but not yet trainer_state.json."""
+    from transformers import TrainerCallback
+
+    from rlhf import faults
+
+    class FaultPoints(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            faults.point("load")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            faults.point(f"step-{state.global_step}")
+
+    trainer.add_callback(FaultPoints())
+    save_rng_state = trainer._save_rng_state
+
+    def save_rng_state_then_point(output_dir):
+        save_rng_state(output_dir)
+        faults.point(f"checkpoint-{trainer.state.global_step}")
+
+    trainer._save_rng_state = save_rng_state_then_point
+
+
 def train_resumable(trainer, scratch: Path) -> TrainRun:
     """Train, continuing from the last complete checkpoint an identical killed run left in `scratch`."""
+    _fault_points(trainer)
     resume = last_complete_checkpoint(scratch) if scratch.exists() else None
     prior = {"loss_sum": 0.0, "train_tokens": 0, "wall_s": 0.0}
     if resume:
@@ -291,11 +316,7 @@ def train_resumable(trainer, scratch: Path) -> TrainRun:
     trainer.add_callback(_run_totals_callback(trainer, prior, start))
     resumed_steps = int(resume.name.split("-")[-1]) if resume else 0
     if resume and _finished(resume):
-        # Killed after its last step was saved: transformers would train one step more on resume.
-        from transformers import TrainerState
-
-        trainer._load_from_checkpoint(str(resume))
-        trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+        _load_finished(trainer, resume)
         session_loss = 0.0
     else:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -309,7 +330,19 @@ def train_resumable(trainer, scratch: Path) -> TrainRun:
 
 def _finished(checkpoint: Path) -> bool:
     state = json.loads((checkpoint / "trainer_state.json").read_text())
-    return state["global_step"] >= state["max_steps"]
+    return state["global_step"] >= state["max_steps"] > 0
+
+
+def _load_finished(trainer, checkpoint: Path):
+    """Load a run's final checkpoint without training: it was killed after training, while publishing.
+
+    `trainer.train` resumed from a checkpoint at max_steps takes one step more before it checks
+    whether to stop (transformers 5.24), so the re-run would publish different weights.
+    """
+    from transformers import TrainerState
+
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
 
 
 def run_metrics(trainer, run: TrainRun, precision: str) -> dict[str, Any]:

@@ -84,7 +84,7 @@ def test_manifest_records_everything(store):
     manifest = json.loads((art.path / "manifest.json").read_text())
     assert manifest == art.manifest
     assert set(manifest) == {"name", "version", "kind", "stage", "created_at", "inputs", "config",
-                             "metrics", "files", "content_hash", "environment"}
+                             "metrics", "files", "file_sizes", "content_hash", "manifest_hash", "environment"}
     assert manifest["name"] == "sft"
     assert manifest["version"] == 1
     assert manifest["kind"] == "checkpoint"
@@ -93,8 +93,12 @@ def test_manifest_records_everything(store):
     assert manifest["config"] == {"train": {"max_steps": 3}}
     assert manifest["metrics"] == {"loss": 1.5}
     assert manifest["files"] == {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
+    assert manifest["file_sizes"] == {rel: len(data) for rel, data in files.items()}
     assert len(manifest["content_hash"]) == 64
     int(manifest["content_hash"], 16)
+    body = {k: v for k, v in manifest.items() if k != "manifest_hash"}
+    assert manifest["manifest_hash"] == hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     created = dt.datetime.fromisoformat(manifest["created_at"])
     assert created.tzinfo is not None
     assert before <= created <= dt.datetime.now(dt.timezone.utc)
@@ -376,7 +380,8 @@ def test_verify_tampered_file_list(store):
     (art.path / "config.json").unlink()
     (art.path / "manifest.json").write_text(json.dumps(manifest))
 
-    assert store.verify("sft") == ["manifest: content_hash does not match its file list"]
+    assert store.verify("sft") == ["manifest: manifest.json was edited after publishing (its manifest_hash does not "
+                                   "match)", "manifest: content_hash does not match its file list"]
 
 
 # -- lineage -------------------------------------------------------------------------------------
@@ -469,3 +474,144 @@ def test_list_returns_every_version_of_every_kind(store):
     make(store, "checkpoint", "base")
 
     assert [a.ref for a in store.list()] == ["datasets/chat:v1", "datasets/chat:v2", "checkpoints/base:v1"]
+
+
+# -- stale temporaries (issue 13: 10) --------------------------------------------------------------
+
+
+def temporaries(store: ArtifactStore, kind_dir: str, name: str) -> list[str]:
+    return [e for e in entries(store.root / kind_dir / name) if e.startswith(".tmp-")]
+
+
+def test_the_next_writer_removes_a_killed_writers_temporary(store):
+    assert run_python(KILLED_WRITER, str(store.root)).returncode == -signal.SIGKILL
+    assert len(temporaries(store, "checkpoints", "sft")) == 1
+
+    assert make(store, "checkpoint", "sft").version == 1
+    assert temporaries(store, "checkpoints", "sft") == []
+
+
+def test_a_live_writers_temporary_is_kept(store):
+    with store.create("checkpoint", "sft", stage="sft") as slow:
+        (slow.path / "weights.bin").write_bytes(b"still writing")
+        assert make(store, "checkpoint", "sft").version == 1  # another writer publishes meanwhile
+        assert (slow.path / "weights.bin").read_bytes() == b"still writing"
+    assert slow.result.version == 2
+    assert temporaries(store, "checkpoints", "sft") == []
+
+
+def test_only_temporaries_of_gone_writers_on_this_host_are_removed(store):
+    make(store, "checkpoint", "sft")
+    name_dir = store.root / "checkpoints" / "sft"
+    me = rlhf.artifacts._owner()
+    pid, start, boot, host = me.split(".", 3)
+    uid = "0" * 32
+    names = {
+        "reused pid": f".tmp-{uid}.{pid}.{int(start) + 1}.{boot}.{host}",  # same pid, another process
+        "earlier boot": f".tmp-{uid}.{pid}.{start}.{'f' * len(boot)}.{host}",
+        "other host": f".tmp-{uid}.{pid}.{int(start) + 1}.{boot}.not-{host}",
+        "no owner": f".tmp-{'1' * 32}",
+        "live": f".tmp-{'2' * 32}.{me}",
+    }
+    for n in names.values():
+        (name_dir / n).mkdir()
+
+    make(store, "checkpoint", "sft")
+    assert sorted(temporaries(store, "checkpoints", "sft")) == sorted(
+        names[k] for k in ("other host", "no owner", "live"))
+
+
+# -- manifest integrity (issue 13: 11, 12) -----------------------------------------------------------
+
+
+def edit_manifest(art, change) -> None:
+    path = art.path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: m["metrics"].update(loss=0.01),
+    lambda m: m["inputs"].append({"role": "model", "ref": "checkpoints/other:v1", "path": "checkpoints/other/v0001",
+                                  "content_hash": "0" * 64}),
+], ids=["metrics", "input ref"])
+def test_an_edited_manifest_fails_verify_and_every_load(store, change, capsys):
+    from conftest import rlhf as cli
+
+    art = make(store, "checkpoint", "sft", metrics={"loss": 1.5})
+    edit_manifest(art, change)
+
+    edited = "manifest: manifest.json was edited after publishing (its manifest_hash does not match)"
+    assert store.verify("sft") == [edited]
+    message = resolve_error(store, "sft:v1")
+    assert message.startswith("checkpoints/sft:v1 is damaged: manifest.json was edited")
+    assert message.endswith("run `rlhf artifacts verify checkpoints/sft:v1`")
+    assert store.list() == []  # not offered for reuse (sweeps, compare's cached answers)
+    assert cli(store.root, "artifacts", "verify", "sft") == 1
+    assert edited in capsys.readouterr().out
+    assert cli(store.root, "artifacts", "lineage", "sft") == 2
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("{}", "manifest.json lacks name, version, kind"),
+    (None, "manifest.json lacks files"),
+    ("[1, 2]", "manifest.json lacks everything (it is not a JSON object)"),
+    ("{not json", "manifest.json is unreadable"),
+    ("missing", "manifest.json is missing"),
+])
+def test_a_damaged_version_is_reported_and_the_rest_still_listed(store, capsys, content, problem):
+    from conftest import rlhf as cli
+
+    make(store, "dataset", "chat")
+    broken = make(store, "dataset", "chat")
+    make(store, "checkpoint", "base")
+    manifest = broken.path / "manifest.json"
+    if content is None:
+        edit_manifest(broken, lambda m: m.pop("files"))
+    elif content == "missing":
+        manifest.unlink()
+    else:
+        manifest.write_text(content)
+
+    assert cli(store.root, "artifacts", "list") == 1
+    out, err = capsys.readouterr()
+    assert [line.split()[0] for line in out.splitlines()] == ["datasets/chat:v1", "checkpoints/base:v1"]
+    assert err.startswith(f"error: datasets/chat:v2 is damaged: {problem}") and err.count("\n") == 1
+    assert [a.ref for a in store.list()] == ["datasets/chat:v1", "checkpoints/base:v1"]
+
+    assert cli(store.root, "artifacts", "verify", "chat:v2") == 1
+    out, err = capsys.readouterr()
+    assert out.startswith(f"datasets/chat:v2: manifest: {problem}")
+    assert "failed verification" in err
+    assert problem in resolve_error(store, "chat:latest")  # never silently the older version
+
+
+def test_a_stray_version_directory_is_reported_not_fatal(store, capsys):
+    from conftest import rlhf as cli
+
+    make(store, "dataset", "chat")
+    (store.root / "datasets" / "chat" / "v0002").mkdir()
+
+    assert cli(store.root, "artifacts", "list") == 1
+    out, err = capsys.readouterr()
+    assert out.split()[0] == "datasets/chat:v1"
+    assert err.strip() == ("error: datasets/chat:v2 is damaged: manifest.json is missing; "
+                           "run `rlhf artifacts verify datasets/chat:v2`")
+    assert make(store, "dataset", "chat").version == 3  # the number stays taken
+
+
+# -- damaged files caught before loading (issue 13: 13) ---------------------------------------------
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda p: p.unlink(), "weights.bin is missing"),
+    (lambda p: p.write_bytes(b"w" * 10), "weights.bin is 10 bytes where its manifest records 100"),
+])
+def test_a_missing_or_truncated_file_fails_resolve_naming_the_file(store, damage, problem):
+    art = make_verifiable(store)
+    damage(art.path / "weights.bin")
+
+    assert resolve_error(store, "sft") == (f"checkpoints/sft:v1 is damaged: {problem}; "
+                                           "run `rlhf artifacts verify checkpoints/sft:v1`")
+    assert store.resolve("sft", check_files=False).version == 1  # show and lineage still work
