@@ -1,1 +1,1 @@
-"""PPO and DPO stages (not built yet: see the policy issue)."""
+"""`rlhf ppo` (the suite's own PPO: pure math in core.py, rollouts in rollout.py, the loop in ppo.py) and `rlhf dpo` (dpo.py, TRL's DPOTrainer)."""

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -55,16 +56,51 @@ class ActorCritic(nn.Module):
         return forward_response(self.policy, rollout, self.temperature, value_head=self.value_head)
 
 
+@dataclass
+class Inputs:
+    """PPO's checked inputs: the precision, the policy to start from, and the prompts split."""
+
+    precision: str
+    policy_init: Artifact
+    prompts: Artifact
+    train_prompts: list
+    eval_prompts: list
+
+
+def check(cfg: PPOConfig, store: ArtifactStore, with_reward: bool = True) -> Inputs:
+    """Everything that can fail before any work is done (also run on every trial of a sweep first).
+
+    `with_reward=False` is for `train` with a score function of its own (the tests' toy rewards).
+    """
+    from rlhf.judges import check_reward_checkpoint
+
+    precision = models.resolve_precision(cfg.train.precision)
+    models.check_mode(cfg.mode)
+    store.check_writable()
+    policy_init = models.check_policy(store.resolve(cfg.model, kind="checkpoint"))
+    models.load_tokenizer(policy_init)  # has a chat template
+    if with_reward:
+        check_reward_checkpoint(store.resolve(cfg.reward, kind="checkpoint"))
+    prompts_art = store.resolve(cfg.data, kind="dataset")
+    train_prompts, eval_prompts = _prompt_sets(store, cfg, prompts_art)
+    if cfg.train.batch_size % cfg.ppo.minibatch_size:
+        raise RlhfError(f"config: train.batch_size={cfg.train.batch_size} must be a multiple of "
+                        f"ppo.minibatch_size={cfg.ppo.minibatch_size}")
+    return Inputs(precision, policy_init, prompts_art, train_prompts, eval_prompts)
+
+
 def main(cfg: PPOConfig, store: ArtifactStore) -> Artifact | None:
     from rlhf.judges import RewardModel
 
-    store.check_writable()
-    reward = RewardModel(store, cfg.reward)  # refuses a checkpoint that is not a reward model
+    # 0. Check everything that can fail before any model loads.
+    inputs = check(cfg, store)
+    reward = RewardModel(store, cfg.reward)
 
     def score_fn(prompts, texts, rollout):
         return torch.tensor(reward.score(prompts, texts, batch_size=cfg.train.batch_size))
 
-    return train(cfg, store, score_fn, reward_artifact=reward.artifact, reward_head=value_head_init(reward))
+    return train(cfg, store, score_fn, reward_artifact=reward.artifact, reward_head=value_head_init(reward),
+                 inputs=inputs)
 
 
 def value_head_init(reward) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -77,18 +113,14 @@ def value_head_init(reward) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def train(cfg: PPOConfig, store: ArtifactStore, score_fn: ScoreFn, reward_artifact: Artifact | None = None,
-          reward_head: tuple[torch.Tensor, torch.Tensor] | None = None) -> Artifact | None:
+          reward_head: tuple[torch.Tensor, torch.Tensor] | None = None, inputs: Inputs | None = None) -> Artifact | None:
     from accelerate import Accelerator
     from peft import LoraConfig, get_peft_model
 
     hp = cfg.ppo
-    precision = models.resolve_precision(cfg.train.precision)
-    policy_init = store.resolve(cfg.model, kind="checkpoint")
-    prompts_art = store.resolve(cfg.data, kind="dataset")
-    train_prompts, eval_prompts = _prompt_sets(store, cfg, prompts_art)
-    if cfg.train.batch_size % hp.minibatch_size:
-        raise RlhfError(f"config: train.batch_size={cfg.train.batch_size} must be a multiple of "
-                        f"ppo.minibatch_size={hp.minibatch_size}")
+    inputs = inputs or check(cfg, store, with_reward=False)
+    precision, policy_init, prompts_art = inputs.precision, inputs.policy_init, inputs.prompts
+    train_prompts, eval_prompts = inputs.train_prompts, inputs.eval_prompts
 
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.train.seed + accelerator.process_index)

@@ -1,1 +1,1 @@
-"""Reward-model stage (not built yet: see the reward issue)."""
+"""`rlhf reward` (a Bradley–Terry reward model with TRL's RewardTrainer; the loss in loss.py) and `rlhf score`."""

@@ -110,7 +110,7 @@ def _words(text: str) -> list[str]:
 def gold_score(prompt: list[dict[str, str]], response: str) -> float:
     """A fixed, documented judge of support replies for the demo domain; it knows no trained model.
 
-    It encodes the house style the demo data was written in, as a sum of five parts:
+    It encodes the house style the demo data was written in, as a sum of six parts:
 
     - tone (−2…+1): +1 if the reply is polite (thanks, sorry, glad, happy to help…), −2 per
       rude phrase, −0.5 for grovelling (more than two apologies);

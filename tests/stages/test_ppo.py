@@ -128,3 +128,22 @@ def test_the_merged_sampler_matches_the_policy_with_its_adapter(tiny_ws):
             got = sampler(input_ids=ids).logits.float()
         assert (stale - want).abs().max() > 10 * tol, "the adapter must matter for this check to mean anything"
         assert (got - want).abs().max() < tol, (dtype, (got - want).abs().max())
+
+
+def test_a_ppo_sweep_checks_every_trial_before_the_first_trains(pref_ws, capsys, monkeypatch):
+    import pytest
+
+    from ppo import ppo
+
+    ws = pref_ws
+    assert rlhf(ws, "data", "import", "prompts", str(DEMO_DATA / "support_prompts.jsonl")) == 0
+    monkeypatch.setattr(ppo, "train", lambda *a, **k: pytest.fail("a trial trained"))
+    sweep = ["sweep", "ppo", "model=base:latest", "train.batch_size=4,6", "ppo.minibatch_size=4"]
+    assert rlhf(ws, *sweep, "reward=base:latest") == 2
+    assert "not a reward model" in capsys.readouterr().err
+    assert rlhf(ws, "reward", "model=base:latest", "train.max_steps=1", "max_length=256", "bootstrap_samples=100",
+                "normalization_samples=8") == 0
+    # The second trial's batch is not a multiple of its minibatch: refused before the first trains.
+    assert rlhf(ws, *sweep, "reward=reward:latest") == 2
+    assert "train.batch_size=6 must be a multiple of ppo.minibatch_size=4" in capsys.readouterr().err
+    assert not (ws / "checkpoints" / "ppo-sweep").exists()

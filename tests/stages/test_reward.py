@@ -4,21 +4,43 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import rlhf
 from rlhf.artifacts import ArtifactStore
 
 
 def test_reward_model_learns_the_marker_and_reports_held_out_metrics(pref_ws):
+    import torch
+
+    from reward.loss import expected_calibration_error, preference_probability
+    from rlhf.data import load_rows, split_pairs
+    from rlhf.judges import RewardModel
+
+    # normalization_samples above the 320 training responses: the normalisation uses them all.
     assert rlhf(pref_ws, "reward", "model=base:latest", "train.max_steps=60", "train.learning_rate=3e-3",
-                "train.eval_fraction=0.2", "max_length=256", "bootstrap_samples=200") == 0
-    art = ArtifactStore(pref_ws).resolve("reward:latest")
+                "train.eval_fraction=0.2", "max_length=256", "bootstrap_samples=200", "normalization_samples=400") == 0
+    store = ArtifactStore(pref_ws)
+    art = store.resolve("reward:latest")
     m = art.manifest["metrics"]
     assert m["eval_pairs"] == 40
     assert m["eval_accuracy"] >= 0.9
     lo, hi = m["eval_accuracy_ci95"]
     assert lo <= m["eval_accuracy"] <= hi and hi - lo < 0.3
-    assert 0 <= m["eval_ece"] <= 1
-    assert m["normalization"]["std"] > 0
+    # Re-score the same split with the published model, as `rlhf score` and PPO will.
+    prefs = store.resolve("preferences:latest")
+    split = split_pairs(prefs, load_rows(prefs), 0.2, 42, ["prompt", "chosen", "rejected"], stage="the test")
+    reward = RewardModel(store, art.ref)
+    score = lambda rows, side: torch.tensor(reward.score([r["prompt"] for r in rows],
+                                                         [r[side][0]["content"] for r in rows]))
+    train = list(split["train"])
+    normalised = torch.cat([score(train, "chosen"), score(train, "rejected")])
+    # The stored normalisation is the mean and std of the training responses' rewards.
+    assert abs(normalised.mean()) < 0.01 and abs(normalised.std() - 1) < 0.01
+    test = list(split["test"])
+    raw = lambda side: score(test, side) * reward.std + reward.mean
+    ece = expected_calibration_error(preference_probability(raw("chosen"), raw("rejected")))
+    assert float(ece) == pytest.approx(m["eval_ece"], abs=1e-3)
     assert (art.path / "report" / "margin_hist.png").stat().st_size > 1000
     assert "pairwise accuracy" in (art.path / "report" / "summary.md").read_text()
     assert {i["role"] for i in art.manifest["inputs"]} == {"model", "data"}

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 
 from rlhf.artifacts import ArtifactStore
 from rlhf.config import CompareConfig, GenerateConfig, dump, load_config
-from rlhf.demo import Job, _run_jobs, flat_overrides, plan_starts
+from rlhf.demo import SIZES, Job, _run_jobs, flat_overrides, plan_starts
 from rlhf.errors import RlhfError
 
 
@@ -57,3 +58,16 @@ def test_an_alone_job_that_can_start_holds_back_the_jobs_after_it():
     jobs = {"a": Job("x", overrides), "b": Job("x", overrides, alone=True), "c": Job("x", overrides)}
     assert plan_starts(jobs, ["b", "c"], ["a"], set(), slots=2, cpus=2) == []
     assert plan_starts(jobs, ["b", "c"], [], set(), slots=2, cpus=2) == [("b", 2)]
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_every_demo_size_preset_loads_with_its_stage_config(size):
+    """A preset key its stage no longer has (or a value it refuses) would fail only minutes into `make demo`."""
+    from rlhf.cli import STAGES
+
+    for stage, overrides in SIZES[size].items():
+        if stage == "overlap":  # not a stage: the labeling overlap
+            assert isinstance(overrides, int) and overrides >= 1
+            continue
+        models = [f"models={json.dumps(['a:v1', 'b:v1'])}"] if stage == "compare" else []
+        load_config(STAGES[stage][0], None, [*models, *overrides])
