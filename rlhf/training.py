@@ -64,7 +64,7 @@ def _run_totals_callback(trainer, prior: dict[str, float], start: float):
                 "wall_s": prior["wall_s"] + time.perf_counter() - start,
             }
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / RUN_TOTALS
-            if path.parent.is_dir():
+            if state.is_world_process_zero and path.parent.is_dir():
                 path.write_text(json.dumps(totals))
 
     return RunTotals()
@@ -146,7 +146,7 @@ def activation_bytes(model_config, sequences: int, length: int) -> int:
     checkpointing: per token and layer, about 8 hidden-size, 4 MLP-size and 2·heads·length attention
     values (scores and probabilities, as the math attention path materialises them), in fp32, which
     CPU autocast keeps for norms and softmax. Close to Korthikanti et al. 2022's count; on
-    SmolLM2-135M at 16 × 512 tokens it gives ~20 GB, what the reward stage was seen to reach."""
+    SmolLM2-135M at 16 × 512 tokens it gives ~18 GB; the reward stage was seen to reach 20 GB."""
     cfg = model_config.get_text_config()
     h, layers, heads = cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads
     mlp = getattr(cfg, "intermediate_size", None) or 4 * h
