@@ -175,17 +175,16 @@ def read_rows(path: Path) -> Iterator[tuple[str, Any]]:
         return
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{n}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield f"{path}:{n}", RowError(f"not valid JSON ({e.msg} at column {e.colno})")
+        yield from _read_jsonl(path)
     elif suffix == ".json":
+        raw = path.read_bytes()
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            text = raw.decode("utf-8-sig")  # a BOM is how some editors mark UTF-8: accept it
+        except UnicodeDecodeError as e:
+            line = e.object[:e.start].count(b"\n") + 1
+            raise RlhfError(f"{path}:{line}: {_not_utf8(e)}") from None
+        try:
+            rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise RlhfError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .json file must hold a list of rows") from None
         if not isinstance(rows, list):
@@ -193,12 +192,46 @@ def read_rows(path: Path) -> Iterator[tuple[str, Any]]:
         for n, row in enumerate(rows, 1):
             yield f"{path} row {n}", row
     elif suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        for n, row in enumerate(pq.read_table(path).to_pylist(), 1):
+        try:
+            table = pq.read_table(path)
+        except pa.ArrowException as e:
+            reason = str(e).removeprefix(f"Could not open Parquet input source '{path}': ").rstrip(".")
+            raise RlhfError(f"{path} is not a readable Parquet file ({reason}); check the file, or give it the "
+                            "extension of its real format (.jsonl, .json)") from None
+        for n, row in enumerate(table.to_pylist(), 1):
             yield f"{path} row {n}", row
     else:
         raise RlhfError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet or a save_to_disk directory")
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    """One row per line; a line that is not UTF-8 or not JSON becomes a RowError for that line."""
+    # Bytes, decoded line by line, so one bad byte costs one row (--skip-invalid), not the file.
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a leading BOM marks UTF-8: accept it
+            except UnicodeDecodeError as e:
+                yield where, RowError(_not_utf8(e))
+                continue
+            line = line.rstrip("\r\n")  # so an error at the end of the line gets that column, not the next line's
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, RowError(f"not valid JSON ({e.msg} at column {e.colno})")
+
+
+def _not_utf8(e: UnicodeDecodeError) -> str:
+    """The bad byte and its column (in characters) on its line; `e.object` is what was decoded, BOM excluded."""
+    line_start = e.object.rfind(b"\n", 0, e.start) + 1
+    column = len(e.object[line_start:e.start].decode("utf-8")) + 1
+    return f"not UTF-8 (byte 0x{e.object[e.start]:02x} at column {column}); save the file as UTF-8"
 
 
 def _read_hf_dir(path: Path) -> Iterator[tuple[str, Any]]:
