@@ -31,7 +31,7 @@ import sys
 import warnings
 from typing import Callable
 
-from rlhf.artifacts import ArtifactStore
+from rlhf.artifacts import ArtifactStore, check_name
 from rlhf.config import (CompareConfig, DPOConfig, GenerateConfig, PPOConfig, RewardConfig, ScoreConfig, SFTConfig,
                          load_config)
 from rlhf.errors import RlhfError
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "base":
         from rlhf.models import import_base
 
-        art = import_base(store, args.path, name=args.name)
+        art = import_base(store, args.path, name=check_name(args.name))  # before the model loads
         print(f"imported {art.ref} -> {art.path}")
     elif args.command == "data":
         from rlhf.data import import_dataset

@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from rlhf.artifacts import Artifact, ArtifactStore
+from rlhf.artifacts import Artifact, ArtifactStore, check_name
 from rlhf.cleaning import Cleaner, Cleaning, RowCleaned
 from rlhf.errors import RlhfError
 
@@ -300,6 +300,7 @@ def import_dataset(store: ArtifactStore, schema: str, file: str | Path, name: st
         raise RlhfError(f"unknown dataset schema {schema!r}; expected one of {', '.join(SCHEMAS)}")
     if fmt not in (None, "trl") and fmt not in FORMATS:
         raise RlhfError(f"unknown format {fmt!r}; expected trl or {', '.join(FORMATS)}")
+    name = check_name(schema if name is None else name)  # before reading: an empty --name is an error, not the default
     path = Path(file)
     store.check_writable()
     cleaning = cleaning if cleaning and cleaning.active else None

@@ -501,6 +501,28 @@ def test_invalid_json_error_reports_the_real_column(store, tmp_path, line, colum
     assert f" at column {column})" in message
 
 
+@pytest.mark.parametrize("name", ["", "a/b", ".hidden"])
+def test_empty_or_invalid_name_is_refused_with_exit_2(tmp_path, capsys, name):  # defect 6
+    ws = tmp_path / "ws"
+    path = write_jsonl(tmp_path / "sft.jsonl", GOOD_ROWS)
+
+    rc = cli.main(["--workspace", str(ws), "data", "import", "sft", str(path), "--name", name])
+
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert err == (f"error: artifact name {name!r} is not valid; use letters, digits, '.', '_' and '-', "
+                   "starting with a letter or digit\n")
+    assert not ws.exists()  # refused before the workspace or the data were touched
+
+
+def test_base_import_refuses_an_empty_name_before_loading_a_model(tmp_path, capsys):  # defect 6
+    rc = cli.main(["--workspace", str(tmp_path / "ws"), "base", "import", str(tmp_path / "no-model"), "--name", ""])
+
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert err.startswith("error: artifact name '' is not valid;")
+
+
 # -- CLI -------------------------------------------------------------------------------------------
 
 
