@@ -7,7 +7,7 @@ Rows use TRL's conversational shapes, so stages hand them straight to TRL traine
     prompts  {"prompt_id": str, "prompt": [messages ending with a user turn]}
     candidates {"prompt_id", "prompt", "responses": [{"response_id", "text", "model", ...}]}
     preferences {"prompt": [messages], "chosen": [assistant msg], "rejected": [assistant msg],
-             "margin": float | None, "source": {...}}
+             "margin": float (on every row or on none), "source": {...}}
              (`--format hh` reads Anthropic's "\n\nHuman: ...\n\nAssistant: ..." strings)
 
 Importers read JSONL, JSON (a list of rows), Parquet, or a `datasets.save_to_disk`
@@ -108,8 +108,9 @@ def validate_preferences(row: dict[str, Any]) -> dict[str, Any]:
     margin = row.get("margin")
     if margin is not None and not isinstance(margin, (int, float)):
         raise RowError(f"'margin' must be a number, got {margin!r}")
+    # No margin means no key: a null margin column breaks plain TRL (its collator makes a tensor of it).
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
-            "margin": None if margin is None else float(margin), "source": row.get("source") or {}}
+            **({} if margin is None else {"margin": float(margin)}), "source": row.get("source") or {}}
 
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -318,12 +319,16 @@ def import_dataset(store: ArtifactStore, schema: str, file: str | Path, name: st
         why = f"{len(invalid)} invalid" + "".join(f", {n} {reason}" for reason, n in filtered.items())
         why += "".join(f", {n} {step}" for step, n in (cleaner.counts.items() if cleaner else ()) if n)
         raise RlhfError(f"{path}: no valid rows to import ({why})")
+    with_margin = sum("margin" in r for r in rows)
+    if 0 < with_margin < len(rows):
+        raise RlhfError(f"{path}: {with_margin} of {len(rows)} rows have a 'margin'; give every row a margin or "
+                        "none (a reward trainer needs a number on every row)")
     config = {"schema": schema, "source": str(path.resolve()), "skip_invalid": skip_invalid}
     if schema == "preferences":
         config["format"] = fmt or "trl"
     if cleaning:
         config["cleaning"] = cleaning.config()
-    with store.create("dataset", name or schema, stage="data import", config=config) as w:
+    with store.create("dataset", name, stage="data import", config=config) as w:
         write_rows(w.path / DATA_FILE, rows)
         w.add_file_input("source", path)
         if isinstance(tokenizer_art, Artifact):
