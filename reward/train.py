@@ -72,7 +72,7 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
     init = inputs.model
 
     # 2. A held-out split per dataset that the model never trains on, the same for the same seed.
-    use_margin = cfg.use_margin and all(r["margin"] is not None for rows in inputs.rows for r in rows)
+    use_margin = cfg.use_margin and all(r.get("margin") is not None for rows in inputs.rows for r in rows)
     columns = ["prompt", "chosen", "rejected"] + (["margin"] if use_margin else [])
     split, data_mix = training.split_and_mix(inputs, cfg, lambda dataset, rows: rdata.split_pairs(
         dataset, rows, cfg.train.eval_fraction, cfg.train.seed, columns, stage="a reward model"))

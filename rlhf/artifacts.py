@@ -48,13 +48,24 @@ MANIFEST = "manifest.json"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 REF_RE = re.compile(
     r"^(?:(?P<kind>datasets|checkpoints|reports)/)?(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)"
-    r"(?::(?P<tag>latest|v\d+)|@(?P<sha>[0-9a-fA-F]{4,64}))?$"
+    r"(?::(?P<tag>latest|v\d+)|@(?P<sha>[0-9a-fA-F]*))?$"  # the prefix's length is checked in resolve()
 )
+MIN_HASH_PREFIX = 4  # a shorter prefix would too often match several versions
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 # .tmp-<uuid>.<pid>.<process start time>.<boot id>.<host>.<pid namespace>
 TMP_RE = re.compile(r"^\.tmp-[0-9a-f]{32}\.(\d+)\.(\d+)\.([0-9a-f]+)\.(.+)$")
 REQUIRED = ("name", "version", "kind", "stage", "created_at", "inputs", "files", "file_sizes", "content_hash",
             "manifest_hash")
+
+
+def check_name(name: str) -> str:
+    """`name` if it can name an artifact (a directory under datasets/, checkpoints/, reports/), else a one-line error."""
+    if not NAME_RE.match(name):
+        raise RlhfError(
+            f"artifact name {name!r} is not valid; use letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return name
 
 
 def sha256_file(path: Path) -> str:
@@ -241,6 +252,12 @@ class ArtifactStore:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().absolute()
+        # Checked here, so that reading commands fail too rather than report an empty workspace.
+        blocker = next((p for p in (self.root, *self.root.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            where = "is a file" if blocker == self.root else f"is under {blocker}, which is a file"
+            raise RlhfError(f"workspace {self.root} {where}, not a directory; "
+                            "pass --workspace DIR or set RLHF_WORKSPACE to a directory")
 
     @classmethod
     def from_env(cls, workspace: str | None = None) -> ArtifactStore:
@@ -272,11 +289,7 @@ class ArtifactStore:
         """
         if kind not in KIND_DIRS:
             raise ValueError(f"unknown artifact kind {kind!r}")
-        if not NAME_RE.match(name):
-            raise RlhfError(
-                f"artifact name {name!r} is not valid; use letters, digits, '.', '_' and '-', "
-                "starting with a letter or digit"
-            )
+        check_name(name)
         self.check_writable()
         name_dir = self.root / KIND_DIRS[kind] / name
         name_dir.mkdir(parents=True, exist_ok=True)
@@ -401,6 +414,9 @@ class ArtifactStore:
             raise RlhfError(
                 f"{ref!r} is not a valid ref; write name, name:latest, name:vN or name@<hash prefix>"
             )
+        if m["sha"] is not None and not MIN_HASH_PREFIX <= len(m["sha"]) <= 64:
+            raise RlhfError(f"{ref!r} is not a valid ref: the hash prefix after '@' needs {MIN_HASH_PREFIX} to 64 "
+                            "hex digits; `rlhf artifacts list` shows each version's hash")
         name = m["name"]
         kinds = [kind] if kind else list(KIND_DIRS)
         if m["kind"]:
@@ -409,6 +425,11 @@ class ArtifactStore:
                 raise RlhfError(f"ref {ref!r} names a {qualified}, but a {kind} is needed here")
             kinds = [qualified]
         found = [k for k in kinds if self.versions(k, name)]
+        # A dataset given as model= (say): say that, not "did you mean <a similar name>".
+        if not found and kind and (other := next((k for k in KIND_DIRS if self.versions(k, name)), None)):
+            existing = ", ".join(self.names(kind)) or "none yet"
+            raise RlhfError(f"{ref!r} is a {other} ({KIND_DIRS[other]}/{name}), not a {kind}; "
+                            f"give a {kind} here (existing {KIND_DIRS[kind]}: {existing})")
         if not found:
             existing = sorted({n for k in kinds for n in self.names(k)})
             what = " or ".join(KIND_DIRS[k] for k in kinds)

@@ -31,7 +31,7 @@ import sys
 import warnings
 from typing import Callable
 
-from rlhf.artifacts import KIND_DIRS, ArtifactStore
+from rlhf.artifacts import KIND_DIRS, ArtifactStore, check_name
 from rlhf.config import (CompareConfig, DPOConfig, GenerateConfig, PPOConfig, RewardConfig, ScoreConfig, SFTConfig,
                          load_config)
 from rlhf.errors import RlhfError
@@ -138,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "base":
         from rlhf.models import import_base
 
-        art = import_base(store, args.path, name=args.name, chat_template=args.chat_template)
+        # The name is checked before the model loads.
+        art = import_base(store, args.path, name=check_name(args.name), chat_template=args.chat_template)
         print(f"imported {art.ref} -> {art.path}")
     elif args.command == "data":
         from rlhf.data import import_dataset
@@ -195,7 +196,7 @@ def _sweep(store: ArtifactStore, args: argparse.Namespace) -> int:
                           *args.overrides, "--search", args.search,
                           *(["--trials", str(args.trials)] if args.trials else []), "--metric", args.metric,
                           *(["--direction", args.direction] if args.direction else []),
-                          *(["--seed", str(args.seed)] if args.search != "grid" else [])])
+                          *(["--seed", str(args.seed)] if args.search != "grid" else []), "--name", args.name])
     art = run_sweep(store, sweep, _stage_runner(args.stage), _stage_runner(args.stage, "check"),
                     search=args.search, trials=args.trials, metric=args.metric, direction=args.direction,
                     seed=args.seed, name=args.name, command=command)
@@ -258,7 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return run(args)
+        rc = run(args)
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not at exit
+        return rc
+    except BrokenPipeError:
+        # The reader went away (`rlhf artifacts show X | head`): stop quietly. Python's recipe
+        # (docs: signal, "Note on SIGPIPE"): point stdout at devnull so the flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except RlhfError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -38,12 +38,12 @@ PROJECT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _artifact_name(name: str) -> str:
-    from rlhf.artifacts import NAME_RE
+    from rlhf.artifacts import check_name
 
-    if not NAME_RE.match(name):
-        raise ValueError(f"{name!r} is not a valid artifact name; use letters, digits, '.', '_' and '-', "
-                         "starting with a letter or digit")
-    return name
+    try:
+        return check_name(name)
+    except RlhfError as e:
+        raise ValueError(str(e)) from None
 
 
 # An output name, checked with the config so that a bad one fails before any work, not at publish.

@@ -7,7 +7,7 @@ Rows use TRL's conversational shapes, so stages hand them straight to TRL traine
     prompts  {"prompt_id": str, "prompt": [messages ending with a user turn]}
     candidates {"prompt_id", "prompt", "responses": [{"response_id", "text", "model", ...}]}
     preferences {"prompt": [messages], "chosen": [assistant msg], "rejected": [assistant msg],
-             "margin": float | None, "source": {...}}
+             "margin": float (on every row or on none), "source": {...}}
              (`--format hh` reads Anthropic's "\n\nHuman: ...\n\nAssistant: ..." strings)
 
 Importers read JSONL, JSON (a list of rows), Parquet, or a `datasets.save_to_disk`
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from rlhf import faults
-from rlhf.artifacts import Artifact, ArtifactStore
+from rlhf.artifacts import Artifact, ArtifactStore, check_name
 from rlhf.cleaning import Cleaner, Cleaning, RowCleaned
 from rlhf.errors import RlhfError
 
@@ -111,8 +111,9 @@ def validate_preferences(row: dict[str, Any]) -> dict[str, Any]:
     margin = row.get("margin")
     if margin is not None and not isinstance(margin, (int, float)):
         raise RowError(f"'margin' must be a number, got {margin!r}")
+    # No margin means no key: a null margin column breaks plain TRL (its collator makes a tensor of it).
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
-            "margin": None if margin is None else float(margin), "source": row.get("source") or {}}
+            **({} if margin is None else {"margin": float(margin)}), "source": row.get("source") or {}}
 
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -178,17 +179,16 @@ def read_rows(path: Path) -> Iterator[tuple[str, Any]]:
         return
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{n}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield f"{path}:{n}", RowError(f"not valid JSON ({e.msg} at column {e.colno})")
+        yield from _read_jsonl(path)
     elif suffix == ".json":
+        raw = path.read_bytes()
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            text = raw.decode("utf-8-sig")  # a BOM is how some editors mark UTF-8: accept it
+        except UnicodeDecodeError as e:
+            line = e.object[:e.start].count(b"\n") + 1
+            raise RlhfError(f"{path}:{line}: {_not_utf8(e)}") from None
+        try:
+            rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise RlhfError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .json file must hold a list of rows") from None
         if not isinstance(rows, list):
@@ -196,12 +196,46 @@ def read_rows(path: Path) -> Iterator[tuple[str, Any]]:
         for n, row in enumerate(rows, 1):
             yield f"{path} row {n}", row
     elif suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        for n, row in enumerate(pq.read_table(path).to_pylist(), 1):
+        try:
+            table = pq.read_table(path)
+        except pa.ArrowException as e:
+            reason = str(e).removeprefix(f"Could not open Parquet input source '{path}': ").rstrip(".")
+            raise RlhfError(f"{path} is not a readable Parquet file ({reason}); check the file, or give it the "
+                            "extension of its real format (.jsonl, .json)") from None
+        for n, row in enumerate(table.to_pylist(), 1):
             yield f"{path} row {n}", row
     else:
         raise RlhfError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet or a save_to_disk directory")
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    """One row per line; a line that is not UTF-8 or not JSON becomes a RowError for that line."""
+    # Bytes, decoded line by line, so one bad byte costs one row (--skip-invalid), not the file.
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a leading BOM marks UTF-8: accept it
+            except UnicodeDecodeError as e:
+                yield where, RowError(_not_utf8(e))
+                continue
+            line = line.rstrip("\r\n")  # so an error at the end of the line gets that column, not the next line's
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, RowError(f"not valid JSON ({e.msg} at column {e.colno})")
+
+
+def _not_utf8(e: UnicodeDecodeError) -> str:
+    """The bad byte and its column (in characters) on its line; `e.object` is what was decoded, BOM excluded."""
+    line_start = e.object.rfind(b"\n", 0, e.start) + 1
+    column = len(e.object[line_start:e.start].decode("utf-8")) + 1
+    return f"not UTF-8 (byte 0x{e.object[e.start]:02x} at column {column}); save the file as UTF-8"
 
 
 def _read_hf_dir(path: Path) -> Iterator[tuple[str, Any]]:
@@ -282,6 +316,7 @@ def import_dataset(store: ArtifactStore, schema: str, file: str | Path, name: st
         raise RlhfError(f"unknown dataset schema {schema!r}; expected one of {', '.join(SCHEMAS)}")
     if fmt not in (None, "trl") and fmt not in FORMATS:
         raise RlhfError(f"unknown format {fmt!r}; expected trl or {', '.join(FORMATS)}")
+    name = check_name(schema if name is None else name)  # before reading: an empty --name is an error, not the default
     path = data_path(file)
     store.check_writable()
     cleaning = cleaning if cleaning and cleaning.active else None
@@ -300,12 +335,16 @@ def import_dataset(store: ArtifactStore, schema: str, file: str | Path, name: st
         why = f"{len(invalid)} invalid" + "".join(f", {n} {reason}" for reason, n in filtered.items())
         why += "".join(f", {n} {step}" for step, n in (cleaner.counts.items() if cleaner else ()) if n)
         raise RlhfError(f"{path}: no valid rows to import ({why})")
+    with_margin = sum("margin" in r for r in rows)
+    if 0 < with_margin < len(rows):
+        raise RlhfError(f"{path}: {with_margin} of {len(rows)} rows have a 'margin'; give every row a margin or "
+                        "none (a reward trainer needs a number on every row)")
     config = {"schema": schema, "source": str(path.resolve()), "skip_invalid": skip_invalid}
     if schema == "preferences":
         config["format"] = fmt or "trl"
     if cleaning:
         config["cleaning"] = cleaning.config()
-    with store.create("dataset", name or schema, stage="data import", config=config) as w:
+    with store.create("dataset", name, stage="data import", config=config) as w:
         write_rows(w.path / DATA_FILE, rows)
         w.add_file_input("source", path)
         if isinstance(tokenizer_art, Artifact):

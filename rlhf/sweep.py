@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 from pydantic import BaseModel
 
-from rlhf.artifacts import Artifact, ArtifactStore
+from rlhf.artifacts import Artifact, ArtifactStore, check_name
 from rlhf.config import dump, load_config
 from rlhf.errors import RlhfError
 
@@ -228,6 +228,7 @@ def run_sweep(store: ArtifactStore, sweep: Sweep, runner: Callable, check: Calla
     if search != "grid" and not trials:
         raise RlhfError(f"--search {search} needs --trials N (how many configs to try)")
     direction = direction or ("minimize" if metric.endswith("loss") else "maximize")
+    check_name(name)  # the report is written last: a bad --name must not cost the trials
     store.check_writable()
 
     # Every grid trial's config is checked before the first one trains; a searched trial's just before it runs.

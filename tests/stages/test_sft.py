@@ -98,7 +98,7 @@ def test_a_merged_checkpoint_keeps_the_whole_update_in_fp32(tiny_ws):
     (["model=nope:latest"], "no artifact named 'nope'"),
     (["data=sft:v7"], "no version v7 of datasets/sft; it has v1"),
     (["trl.not_a_knob=1"], "unknown key 'trl.not_a_knob'"),
-    (["data=base:latest"], "no artifact named 'base' in datasets"),
+    (["data=base:latest"], "'base:latest' is a checkpoint (checkpoints/base), not a dataset; give a dataset here"),
 ])
 def test_bad_input_is_one_line_and_publishes_nothing(tiny_ws, capsys, args, expected):
     if expected.startswith("mode=qlora"):
@@ -117,7 +117,7 @@ def test_unwritable_workspace_fails_before_any_work(tmp_path, capsys):
     blocker.write_text("")
     assert rlhf(blocker / "ws", "sft") == 2
     err = capsys.readouterr().err.strip()
-    assert "not writable" in err and "\n" not in err
+    assert f"workspace {blocker / 'ws'} is under {blocker}, which is a file" in err and "\n" not in err
 
 
 def _cli(ws: Path, *args: str) -> list[str]:

@@ -32,7 +32,7 @@ def test_an_invalid_output_name_is_refused_before_any_work(tiny_ws, capsys):
         extra = ["base:latest", "sft:latest"] if stage == "compare" else []
         assert rlhf(tiny_ws, stage, *extra, "output=../../x") == 2
         err = capsys.readouterr().err.strip()
-        assert "output: '../../x' is not a valid artifact name" in err, stage
+        assert "output: artifact name '../../x' is not valid" in err, stage
     assert nothing_written(tiny_ws) and not (tiny_ws.parent.parent / "x").exists()
 
 

@@ -230,6 +230,26 @@ def test_kind_mismatch_is_an_error(store):
         store.resolve("datasets/chat", kind="checkpoint")
 
 
+def test_a_dataset_where_a_checkpoint_is_needed_says_it_is_a_dataset(store):  # issue 13 §5, defect 18
+    make(store, "dataset", "hh")
+    make(store, "checkpoint", "ppo")  # a close name: it used to get "did you mean ppo?"
+    make(store, "checkpoint", "sft")
+
+    with pytest.raises(RlhfError) as info:
+        store.resolve("hh:latest", kind="checkpoint")
+
+    assert str(info.value) == ("'hh:latest' is a dataset (datasets/hh), not a checkpoint; "
+                               "give a checkpoint here (existing checkpoints: ppo, sft)")
+
+
+@pytest.mark.parametrize("ref", ["sft@4", "sft@abc", "sft@", "sft@" + "a" * 65])
+def test_a_hash_prefix_of_the_wrong_length_says_the_minimum(store, ref):  # issue 13 §5, defect 18
+    make(store, "checkpoint", "sft")
+
+    assert resolve_error(store, ref) == (f"{ref!r} is not a valid ref: the hash prefix after '@' needs 4 to 64 hex "
+                                         "digits; `rlhf artifacts list` shows each version's hash")
+
+
 # -- atomicity ---------------------------------------------------------------------------------
 
 
@@ -455,17 +475,32 @@ def test_add_file_input_of_a_directory_hashes_its_tree(store, tmp_path):
 # -- workspace -------------------------------------------------------------------------------
 
 
-def test_workspace_under_a_regular_file_is_not_writable(tmp_path):
+def test_workspace_that_is_or_is_under_a_regular_file_is_refused(tmp_path):  # issue 13 §5, defect 18
     (tmp_path / "file").write_text("not a directory")
-    store = ArtifactStore(tmp_path / "file" / "ws")
 
     with pytest.raises(RlhfError) as info:
-        store.check_writable()
-    assert "not writable" in str(info.value)
-    assert str(tmp_path / "file" / "ws") in str(info.value)
+        ArtifactStore(tmp_path / "file")
+    assert str(info.value) == (f"workspace {tmp_path / 'file'} is a file, not a directory; "
+                               "pass --workspace DIR or set RLHF_WORKSPACE to a directory")
 
-    with pytest.raises(RlhfError, match="not writable"):
-        make(store, "dataset", "chat")
+    with pytest.raises(RlhfError) as info:
+        ArtifactStore(tmp_path / "file" / "ws")
+    assert str(info.value).startswith(f"workspace {tmp_path / 'file' / 'ws'} is under {tmp_path / 'file'}, "
+                                      "which is a file, not a directory;")
+
+
+@pytest.mark.parametrize("args", [["artifacts", "list"], ["data", "import", "sft", "x.jsonl"]], ids=["list", "import"])
+def test_cli_on_a_workspace_that_is_a_file_exits_2_naming_it(tmp_path, capsys, args):  # issue 13 §5, defect 18
+    from rlhf import cli
+
+    ws = tmp_path / "ws"
+    ws.write_text("not a directory")
+
+    rc = cli.main(["--workspace", str(ws), *args])
+
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert err == f"error: workspace {ws} is a file, not a directory; pass --workspace DIR or set RLHF_WORKSPACE to a directory\n"
 
 
 def test_list_returns_every_version_of_every_kind(store):

@@ -394,6 +394,135 @@ def test_load_rows_with_the_wrong_schema_names_both(store, tmp_path):
     assert str(info.value) == "datasets/sft:v1 is a 'sft' dataset, but this stage needs a 'prompts' dataset"
 
 
+# -- encodings, damaged files, names (issue 13, section 5) ----------------------------------------
+
+
+LATIN1_ROW = b'{"messages": [{"role": "user", "content": "caf\xe9?"}, {"role": "assistant", "content": "Yes."}]}'
+LATIN1_COLUMN = LATIN1_ROW.index(b"\xe9") + 1
+
+
+def test_latin1_byte_in_jsonl_names_file_line_and_not_utf8(store, tmp_path):  # defect 1
+    path = tmp_path / "sft.jsonl"
+    path.write_bytes(json.dumps(GOOD_ROWS[0]).encode() + b"\n" + LATIN1_ROW + b"\n")
+
+    message = import_error(store, "sft", path)
+
+    assert message == (f"{path}:2: not UTF-8 (byte 0xe9 at column {LATIN1_COLUMN}); save the file as UTF-8 "
+                       "(fix the row, or pass --skip-invalid to drop bad rows)")
+    assert_nothing_written(store)
+
+
+def test_skip_invalid_drops_a_line_that_is_not_utf8_and_counts_it(store, tmp_path):  # defect 1
+    path = tmp_path / "sft.jsonl"
+    good = [json.dumps(r).encode() for r in GOOD_ROWS]
+    path.write_bytes(b"\n".join([good[0], LATIN1_ROW, good[1]]) + b"\n")
+
+    art = import_dataset(store, "sft", path, skip_invalid=True)
+
+    reason = f"not UTF-8 (byte 0xe9 at column {LATIN1_COLUMN}); save the file as UTF-8"
+    assert load_rows(art) == expected_rows(store, tmp_path)
+    assert art.manifest["metrics"]["dropped"] == 1
+    assert art.manifest["metrics"]["invalid_rows"] == [{"where": f"{path}:2", "reason": reason}]
+
+
+def test_binary_file_named_jsonl_is_one_error_line_with_exit_2(tmp_path, capsys):  # defect 1
+    import gzip
+
+    ws, path = tmp_path / "ws", tmp_path / "sft.jsonl"
+    path.write_bytes(gzip.compress(json.dumps(GOOD_ROWS[0]).encode() * 50))  # gzip opens with 0x1f 0x8b
+
+    for extra in ([], ["--skip-invalid"]):
+        rc = cli.main(["--workspace", str(ws), "data", "import", "sft", str(path), *extra])
+
+        out, err = capsys.readouterr()
+        assert rc == 2 and out == ""
+        assert len(err.splitlines()) == 1, err
+        if extra:
+            assert err.startswith(f"error: {path}: no valid rows to import (") and " invalid)" in err
+        else:
+            assert err.startswith(f"error: {path}:1: not UTF-8 (byte 0x8b at column 2)")
+    assert ArtifactStore(ws).list() == []
+
+
+def test_json_list_file_that_is_not_utf8_names_its_line(store, tmp_path):  # defect 1
+    path = tmp_path / "sft.json"
+    path.write_bytes(b"[\n" + json.dumps(GOOD_ROWS[0]).encode() + b",\n" + LATIN1_ROW + b"\n]\n")
+
+    message = import_error(store, "sft", path)
+
+    assert message == f"{path}:3: not UTF-8 (byte 0xe9 at column {LATIN1_COLUMN}); save the file as UTF-8"
+    assert_nothing_written(store)
+
+
+@pytest.mark.parametrize("content", [b"", b"not parquet at all\n" * 10], ids=["empty", "text"])
+def test_file_named_parquet_that_is_not_parquet_is_one_error_line(tmp_path, capsys, content):  # defect 2
+    ws, path = tmp_path / "ws", tmp_path / "sft.parquet"
+    path.write_bytes(content)
+
+    rc = cli.main(["--workspace", str(ws), "data", "import", "sft", str(path)])
+
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {path} is not a readable Parquet file (")
+    assert "Could not open" not in err  # pyarrow's own prefix, which repeats the path
+    assert err.endswith("; check the file, or give it the extension of its real format (.jsonl, .json)\n")
+    assert ArtifactStore(ws).list() == []
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+@pytest.mark.parametrize("skip_invalid", [False, True])
+def test_utf8_bom_is_accepted_and_row_1_is_kept(store, tmp_path, suffix, skip_invalid):  # defect 3
+    path = tmp_path / f"sft{suffix}"
+    text = json.dumps(GOOD_ROWS) if suffix == ".json" else "\n".join(json.dumps(r) for r in GOOD_ROWS)
+    path.write_bytes(BOM + text.encode())
+
+    art = import_dataset(store, "sft", path, skip_invalid=skip_invalid)
+
+    assert load_rows(art) == expected_rows(store, tmp_path)
+    assert art.manifest["metrics"]["dropped"] == 0
+
+
+@pytest.mark.parametrize("line, column", [
+    ('{"messages": [', len('{"messages": [') + 1),  # the row ends too early: the column past its end
+    ('{"messages": x}', len('{"messages": ') + 1),
+], ids=["end of line", "mid line"])
+@pytest.mark.parametrize("newline", ["\n", "\r\n"], ids=["LF", "CRLF"])
+def test_invalid_json_error_reports_the_real_column(store, tmp_path, line, column, newline):  # defect 4
+    path = tmp_path / "sft.jsonl"
+    path.write_bytes((json.dumps(GOOD_ROWS[0]) + newline + line + newline).encode())
+
+    message = import_error(store, "sft", path)
+
+    assert message.startswith(f"{path}:2: not valid JSON (")
+    assert f" at column {column})" in message
+
+
+@pytest.mark.parametrize("name", ["", "a/b", ".hidden"])
+def test_empty_or_invalid_name_is_refused_with_exit_2(tmp_path, capsys, name):  # defect 6
+    ws = tmp_path / "ws"
+    path = write_jsonl(tmp_path / "sft.jsonl", GOOD_ROWS)
+
+    rc = cli.main(["--workspace", str(ws), "data", "import", "sft", str(path), "--name", name])
+
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert err == (f"error: artifact name {name!r} is not valid; use letters, digits, '.', '_' and '-', "
+                   "starting with a letter or digit\n")
+    assert not ws.exists()  # refused before the workspace or the data were touched
+
+
+def test_base_import_refuses_an_empty_name_before_loading_a_model(tmp_path, capsys):  # defect 6
+    rc = cli.main(["--workspace", str(tmp_path / "ws"), "base", "import", str(tmp_path / "no-model"), "--name", ""])
+
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert err.startswith("error: artifact name '' is not valid;")
+
+
 # -- CLI -------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""The HH-RLHF importer on real lines from ../shared/data/hh-rlhf-harmless."""
+"""The HH-RLHF importer on real lines from ../shared/data/hh-rlhf-harmless, and preference rows stored as plain TRL data."""
 
 import json
 
@@ -7,6 +7,7 @@ import pytest
 from conftest import shared_data
 from rlhf.artifacts import ArtifactStore
 from rlhf.data import RowDropped, RowError, from_hh, import_dataset, parse_hh
+from rlhf.errors import RlhfError
 
 
 def test_transcript_splits_into_alternating_turns():
@@ -42,3 +43,66 @@ def test_import_of_the_real_train_split_counts_what_it_drops(tmp_path):
     assert m["rows"] + m["filtered"] == n_lines == 1200
     assert m["filtered"] >= 1 and sum(m["filter_reasons"].values()) == m["filtered"]
     assert art.manifest["config"]["format"] == "hh"
+
+
+# -- the stored rows are plain TRL data (issue 13, section 5, defect 16) -----------------------
+
+
+def hh_line(question: str, good: str, bad: str) -> str:
+    return json.dumps({"chosen": f"\n\nHuman: {question}\n\nAssistant: {good}",
+                       "rejected": f"\n\nHuman: {question}\n\nAssistant: {bad}"})
+
+
+def collate_stored_rows(art):
+    """Read data.jsonl as a plain TRL user would and collate it with TRL's own reward collator."""
+    from datasets import load_dataset
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    ds = load_dataset("json", data_files=str(art.path / "data.jsonl"), split="train")
+    # Token ids stand in for tokenisation; the collator reads every other column as stored.
+    examples = [{**row, "chosen_ids": [1, 2], "rejected_ids": [3]} for row in ds]
+    return ds, DataCollatorForPreference(pad_token_id=0)(examples)
+
+
+def test_hh_import_stores_no_null_margin_and_trl_reward_collator_takes_it(tmp_path):
+    path = tmp_path / "hh.jsonl"
+    path.write_text("\n".join(hh_line(f"Question {i}?", f"Kind answer {i}.", f"Rude answer {i}.")
+                              for i in range(3)) + "\n")
+
+    art = import_dataset(ArtifactStore(tmp_path / "ws"), "preferences", path, name="hh", fmt="hh")
+
+    ds, batch = collate_stored_rows(art)  # failed: TypeError: must be real number, not NoneType
+    assert "margin" not in ds.column_names
+    assert "margin" not in batch and batch["input_ids"].shape == (6, 2)
+
+
+def write_margin_rows(path, margins: list):
+    """TRL preference rows, one per margin (None writes `"margin": null`)."""
+    with open(path, "w") as f:
+        for i, margin in enumerate(margins):
+            f.write(json.dumps({"prompt": [{"role": "user", "content": "Hi?"}],
+                                "chosen": [{"role": "assistant", "content": f"Hello {i}."}],
+                                "rejected": [{"role": "assistant", "content": "Go away."}], "margin": margin}) + "\n")
+    return path
+
+
+def test_margins_given_on_every_row_are_stored_as_numbers(tmp_path):
+    path = write_margin_rows(tmp_path / "p.jsonl", [0.5, 1])
+
+    art = import_dataset(ArtifactStore(tmp_path / "ws"), "preferences", path)
+
+    ds, batch = collate_stored_rows(art)
+    assert ds["margin"] == [0.5, 1.0]
+    assert batch["margin"].tolist() == [0.5, 1.0]
+
+
+def test_a_margin_on_some_rows_only_is_an_error(tmp_path):
+    path = write_margin_rows(tmp_path / "p.jsonl", [0.5, None])
+    store = ArtifactStore(tmp_path / "ws")
+
+    with pytest.raises(RlhfError) as info:
+        import_dataset(store, "preferences", path)
+
+    assert str(info.value) == (f"{path}: 1 of 2 rows have a 'margin'; give every row a margin or none "
+                               "(a reward trainer needs a number on every row)")
+    assert store.list() == []
