@@ -192,7 +192,9 @@ def _sweep(store: ArtifactStore, args: argparse.Namespace) -> int:
 
     fixed, axes = parse_axes(args.overrides)
     sweep = Sweep(args.stage, STAGES[args.stage][0], args.config, fixed, axes)
-    command = shlex.join(["rlhf", "sweep", args.stage, *(["--config", args.config] if args.config else []),
+    # The workspace too: run from anywhere, the line finds the finished trials and reuses them.
+    command = shlex.join(["rlhf", "--workspace", str(store.root), "sweep", args.stage,
+                          *(["--config", args.config] if args.config else []),
                           *args.overrides, "--search", args.search,
                           *(["--trials", str(args.trials)] if args.trials else []), "--metric", args.metric,
                           *(["--direction", args.direction] if args.direction else []),

@@ -1,4 +1,4 @@
-"""A sweep's summary.md "run again" command reproduces the sweep, report name included
+"""A sweep's summary.md "run again" command reproduces the sweep, report name and workspace included
 (issue 13, section 5, defect 19); a bad --name fails before any trial (defect 6).
 
 The stage is a stand-in that publishes a checkpoint at once, so this runs in milliseconds.
@@ -41,8 +41,8 @@ def test_summary_run_again_command_keeps_the_report_name(sweep_ws):
     summary = (ws / "reports" / "lr-sweep" / "v0001" / "summary.md").read_text().splitlines()
     command = summary[summary.index("Run again (finished trials are reused):") + 2].strip()
 
-    assert command == "rlhf sweep sft lora.r=8,16 --search grid --metric eval_loss --name lr-sweep"
-    assert cli.main(["--workspace", str(ws), *shlex.split(command)[1:]]) == 0
+    assert command == f"rlhf --workspace {ws} sweep sft lora.r=8,16 --search grid --metric eval_loss --name lr-sweep"
+    assert cli.main(shlex.split(command)[1:]) == 0  # the line alone names the workspace
     again = ArtifactStore(ws).resolve("reports/lr-sweep:latest")
     assert again.version == 2 and again.manifest["metrics"]["reused"] == 2
     assert trained == [8, 16]  # the rerun trained nothing
