@@ -23,6 +23,7 @@ import pandas as pd
 
 from labeling_app.export import STAGE as EXPORT_STAGE
 from rlhf.artifacts import Artifact, ArtifactStore
+from rlhf.training import LOGS_DIR, PPO_EVALS, PPO_LOG, TRAIN_LOG
 
 # Shown first in an artifact's one-line summary, when present: the numbers an engineer
 # looks for per stage (loss for SFT/DPO, accuracy for reward, score and KL for PPO, sizes for data).
@@ -156,7 +157,7 @@ def _numeric_frame(entries: Iterable[dict[str, Any]], index: str, drop: Iterable
 def training_curves(artifact: Artifact) -> pd.DataFrame | None:
     """The TRL log history (`logs/train_log.jsonl`) indexed by `step`, one column per logged number
     (`loss`, `eval_loss`, `learning_rate`, ...), NaN where a step did not log it. None without a log."""
-    entries = _read_jsonl(artifact.path / "logs" / "train_log.jsonl")
+    entries = _read_jsonl(artifact.path / LOGS_DIR / TRAIN_LOG)
     if entries is None:
         return None
     return _numeric_frame(entries, "step", drop=RUN_SUMMARY_KEYS)
@@ -188,17 +189,17 @@ class PPOCurves:
 
 def ppo_curves(artifact: Artifact) -> PPOCurves | None:
     """Per-iteration PPO diagnostics and the held-out evaluations; None without a PPO log."""
-    history = _read_jsonl(artifact.path / "logs" / "ppo_log.jsonl")
+    history = _read_jsonl(artifact.path / LOGS_DIR / PPO_LOG)
     if history is None:
         return None
-    evals = _read_jsonl(artifact.path / "logs" / "evals.jsonl") or []
+    evals = _read_jsonl(artifact.path / LOGS_DIR / PPO_EVALS) or []
     return PPOCurves(_numeric_frame(history, "iteration"), _numeric_frame(evals, "iteration"))
 
 
 def plot_images(artifact: Artifact) -> list[Path]:
     """The plots a stage saved with the artifact: `logs/*.png` (loss, PPO curves) and `report/*.png`
     (the reward model's margin histogram)."""
-    return [p for d in ("logs", "report") for p in sorted((artifact.path / d).glob("*.png"))]
+    return [p for d in (LOGS_DIR, "report") for p in sorted((artifact.path / d).glob("*.png"))]
 
 
 # -- compare reports -------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
     with store.create("checkpoint", cfg.output, stage="dpo", config=config) as w:
         trainer.model.save_pretrained(w.path)
         tokenizer.save_pretrained(w.path)
-        training.save_logs(trainer.state.log_history, w.path / "logs")
+        training.save_logs(trainer.state.log_history, w.path / training.LOGS_DIR)
         w.add_input("model", init, loaded_as=models.loaded_as(store, init))
         w.add_input("reference", init)
         for dataset in inputs.datasets:

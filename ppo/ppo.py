@@ -249,7 +249,7 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: ScoreFn, reward_artifa
     with store.create("checkpoint", cfg.output, stage="ppo", config=config) as w:
         unwrapped.policy.save_pretrained(w.path)
         tokenizer.save_pretrained(w.path)
-        _save_curves(history, evals, w.path / "logs")
+        _save_curves(history, evals, w.path / training.LOGS_DIR)
         w.add_input("model", policy_init, loaded_as=models.loaded_as(store, policy_init))
         w.add_input("reference", policy_init)
         w.add_input("data", prompts_art)
@@ -397,8 +397,8 @@ def _resume(scratch, unwrapped, optimizer, kl_ctl, history, evals) -> int:
 def _save_curves(history: list[dict], evals: list[dict], out_dir) -> None:
     """ppo_log.jsonl, evals.jsonl (with sample responses) and a PNG of score and KL per iteration."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "ppo_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-    (out_dir / "evals.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    (out_dir / training.PPO_LOG).write_text("".join(json.dumps(r) + "\n" for r in history))
+    (out_dir / training.PPO_EVALS).write_text("".join(json.dumps(e) + "\n" for e in evals))
     if not history:
         return
     import matplotlib

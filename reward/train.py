@@ -121,7 +121,7 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
         # Saved merged, so scoring loads one standalone classifier (no adapter chain to follow).
         out_model.save_pretrained(w.path)
         tokenizer.save_pretrained(w.path)
-        training.save_logs(trainer.state.log_history, w.path / "logs")
+        training.save_logs(trainer.state.log_history, w.path / training.LOGS_DIR)
         write_report(metrics, w.path / "report", metrics.pop("_margins"))
         w.add_input("model", init, loaded_as=models.loaded_as(store, init))
         for dataset in inputs.datasets:

@@ -51,6 +51,19 @@ STAGES: dict[str, tuple[type, str]] = {
 # Training stages a sweep can search over; each publishes a checkpoint with metrics.
 SWEEPABLE = ("sft", "reward", "dpo", "ppo")
 
+# The line a stage prints last, naming what it published; the demo reads it from each job's log.
+WROTE = "wrote"
+
+
+def wrote_line(art) -> str:
+    return f"{WROTE} {art.ref} -> {art.path}"
+
+
+def written_ref(output: str) -> str | None:
+    """The ref of the last artifact a command's output says it published, if any."""
+    refs = [line.split()[1] for line in output.splitlines() if line.startswith(f"{WROTE} ")]
+    return refs[-1] if refs else None
+
 
 def _stage_runner(name: str, func: str | None = None) -> Callable | None:
     """The stage's entry point, or another function of its module by name (None if it has none)."""
@@ -168,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(STAGES[args.command][0], args.config, overrides)
         art = _stage_runner(args.command)(cfg, store)
         if art is not None:
-            print(f"wrote {art.ref} -> {art.path}")
+            print(wrote_line(art))
             print(json.dumps({k: v for k, v in art.manifest["metrics"].items() if isinstance(v, (int, float))}))
     elif args.command == "sweep":
         return _sweep(store, args)
@@ -203,7 +216,7 @@ def _sweep(store: ArtifactStore, args: argparse.Namespace) -> int:
                     search=args.search, trials=args.trials, metric=args.metric, direction=args.direction,
                     seed=args.seed, name=args.name, command=command)
     m = art.manifest["metrics"]
-    print(f"wrote {art.ref} -> {art.path}")
+    print(wrote_line(art))
     print(f"best: {m['best_ref']} ({m['metric']}={m['best_value']:.4g}); {m['trained']} trial(s) trained, "
           f"{m['reused']} reused")
     return 0
@@ -239,10 +252,16 @@ def _artifacts(store: ArtifactStore, args: argparse.Namespace) -> int:
     return 0
 
 
+# Libraries whose deprecation notices are not the user's to act on. Warnings from trl and
+# transformers stay visible: the suite patches TRL internals (training.fast_lm_head_on_cpu), and
+# a deprecation there is the first sign that TRL has moved.
+QUIET_MODULES = r"(streamlit|torch|datasets|accelerate|peft|bitsandbytes|pyarrow|sqlalchemy|gguf|optuna|matplotlib)(\.|$)"
+
+
 def _quiet_libraries() -> None:
-    """Keep the terminal for our own output: library deprecation notices are not the user's to act on."""
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    """Keep the terminal for our own output."""
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=QUIET_MODULES)
     # bitsandbytes warns on every CPU import that its optional 4-bit CPU kernels are absent.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # transformers reports the reward model's new `score` head as "missing" on every load: expected here.

@@ -222,6 +222,7 @@ def _run_jobs(store: ArtifactStore, jobs: dict[str, Job], timings: dict[str, flo
     import subprocess
     import sys
 
+    from rlhf.cli import written_ref
     from rlhf.errors import RlhfError
 
     logs = store.root / "logs"
@@ -247,11 +248,11 @@ def _run_jobs(store: ArtifactStore, jobs: dict[str, Job], timings: dict[str, flo
                     continue
                 del running[name]
                 lines = log.read_text(errors="replace").splitlines()
-                wrote = [line.split()[1] for line in lines if line.startswith("wrote ")]
-                if proc.returncode != 0 or not wrote:
+                ref = written_ref("\n".join(lines))
+                if proc.returncode != 0 or not ref:
                     tail = "\n".join(lines[-5:])
                     raise RlhfError(f"the {name} job failed (exit {proc.returncode}); its log {log} ends:\n{tail}")
-                done[name] = store.resolve(wrote[-1])
+                done[name] = store.resolve(ref)
                 timings[f"  {name}"] = time.perf_counter() - start
                 print(f"  {name}: {done[name].ref} in {timings[f'  {name}']:.0f}s", flush=True)
         return done

@@ -31,6 +31,12 @@ def run_id(config: dict[str, Any], inputs: list[Artifact]) -> str:
 
 RUN_TOTALS = "run_totals.json"
 
+# The logs a training stage leaves in its artifact's logs/; the dashboard reads them by these names.
+LOGS_DIR = "logs"
+TRAIN_LOG = "train_log.jsonl"  # TRL stages: the trainer's log history
+PPO_LOG = "ppo_log.jsonl"  # PPO: one row per iteration
+PPO_EVALS = "evals.jsonl"  # PPO: each held-out evaluation, with sample responses
+
 
 def last_complete_checkpoint(scratch: Path) -> Path | None:
     """The newest `checkpoint-N` whose trainer state and run totals were both written.
@@ -244,7 +250,7 @@ def peak_memory_mb() -> float:
 def save_logs(log_history: list[dict[str, Any]], out_dir: Path) -> None:
     """The trainer's log history as JSONL plus a loss-curve PNG."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "train_log.jsonl", "w") as f:
+    with open(out_dir / TRAIN_LOG, "w") as f:
         for entry in log_history:
             f.write(json.dumps(entry) + "\n")
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]

@@ -92,7 +92,7 @@ def main(cfg: SFTConfig, store: ArtifactStore) -> Artifact | None:
     with store.create("checkpoint", cfg.output, stage="sft", config=config) as w:
         out_model.save_pretrained(w.path)
         tokenizer.save_pretrained(w.path)
-        training.save_logs(trainer.state.log_history, w.path / "logs")
+        training.save_logs(trainer.state.log_history, w.path / training.LOGS_DIR)
         w.add_input("model", base, loaded_as=models.loaded_as(store, base))
         for dataset in inputs.datasets:
             w.add_input("data", dataset)
