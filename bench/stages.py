@@ -232,7 +232,7 @@ def ppo_rollout(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]
 
 
 def ppo_update(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]:
-    """PPO's optimisation phase on one fixed rollout batch: `ppo.epochs` passes of minibatches.
+    """PPO's optimisation phase on one fixed rollout batch: `ppo.update_epochs` passes of minibatches.
 
     Both sides sample the same batch through the policy. The suite projects only the response
     positions to the vocabulary (`logits_to_keep`); the baseline, like a plain
@@ -280,7 +280,7 @@ def ppo_update(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]:
     start = time.perf_counter()
     stats = _ppo_epochs(model, optimizer, accelerator, rollout, out["logprobs"], values, advantages, returns, cfg)
     wall = time.perf_counter() - start
-    tokens = cfg.ppo.epochs * int(rollout.attention_mask.sum())
+    tokens = cfg.ppo.update_epochs * int(rollout.attention_mask.sum())
     return {"tokens": tokens, "wall_s": wall, "metric": stats["policy_loss"], "metric_name": "mean policy loss",
             "flops": 4 * n * tokens}
 

@@ -42,7 +42,7 @@ _SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 
 # (prompts, response texts, rollout) -> scores (B,). The CLI scores with a reward model;
 # tests pass a toy function of the token ids.
-ScoreFn = Callable[[list, list[str], Rollout], torch.Tensor]
+RewardFn = Callable[[list, list[str], Rollout], torch.Tensor]
 
 
 class ActorCritic(nn.Module):
@@ -112,7 +112,7 @@ def value_head_init(reward) -> tuple[torch.Tensor, torch.Tensor] | None:
     return w / reward.std, torch.tensor([-reward.mean / reward.std])
 
 
-def train(cfg: PPOConfig, store: ArtifactStore, score_fn: ScoreFn, reward_artifact: Artifact | None = None,
+def train(cfg: PPOConfig, store: ArtifactStore, score_fn: RewardFn, reward_artifact: Artifact | None = None,
           reward_head: tuple[torch.Tensor, torch.Tensor] | None = None, inputs: Inputs | None = None) -> Artifact | None:
     from accelerate import Accelerator
     from peft import LoraConfig, get_peft_model
@@ -216,7 +216,7 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: ScoreFn, reward_artifa
         t0 = time.perf_counter()
         stats = _ppo_epochs(model, optimizer, accelerator, rollout, old_logprobs, old_values, advantages, returns, cfg)
         timings["update_s"] += time.perf_counter() - t0
-        timings["update_tokens"] += hp.epochs * int(rollout.attention_mask.sum())
+        timings["update_tokens"] += hp.update_epochs * int(rollout.attention_mask.sum())
 
         # 8. Log, adapt the KL coefficient, evaluate, checkpoint for resume.
         kl_per_seq = accelerator.gather_for_metrics((kl.sum(dim=1))).mean()
@@ -280,7 +280,7 @@ def _ppo_epochs(model, optimizer, accelerator, rollout: Rollout, old_logprobs, o
     n = rollout.response_ids.shape[0]
     sums: dict[str, float] = {}
     count = 0
-    for _ in range(hp.epochs):
+    for _ in range(hp.update_epochs):
         for idx in torch.randperm(n).split(hp.minibatch_size):
             mb = Rollout(rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.response_ids[idx],
                          rollout.response_mask[idx], rollout.has_eos[idx])
@@ -304,7 +304,7 @@ def _ppo_epochs(model, optimizer, accelerator, rollout: Rollout, old_logprobs, o
 
 
 @torch.no_grad()
-def _evaluate(unwrapped: ActorCritic, generator: nn.Module, tokenizer, prompts: list, score_fn: ScoreFn,
+def _evaluate(unwrapped: ActorCritic, generator: nn.Module, tokenizer, prompts: list, score_fn: RewardFn,
               cfg: PPOConfig, iteration: int, accelerator) -> dict:
     """Mean score and KL to the reference on held-out prompts, with a fixed sampling seed."""
     hp = cfg.ppo

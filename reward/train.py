@@ -116,13 +116,13 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
     run_metrics = training.run_metrics(trainer, run, inputs.precision)  # before the merge folds the adapter away
     stop = training.stop_metrics(trainer, cfg.train)
     out_model = trainer.model.merge_and_unload() if peft_config else trainer.model
-    metrics = evaluate(out_model, tokenizer, split, cfg)
+    metrics, margins = evaluate(out_model, tokenizer, split, cfg)
     with store.create("checkpoint", cfg.output, stage="reward", config=config) as w:
         # Saved merged, so scoring loads one standalone classifier (no adapter chain to follow).
         out_model.save_pretrained(w.path)
         tokenizer.save_pretrained(w.path)
         training.save_logs(trainer.state.log_history, w.path / training.LOGS_DIR)
-        write_report(metrics, w.path / "report", metrics.pop("_margins"))
+        write_report(metrics, w.path / "report", margins)
         w.add_input("model", init, loaded_as=models.loaded_as(store, init))
         for dataset in inputs.datasets:
             w.add_input("data", dataset)
@@ -146,8 +146,9 @@ def _conversations(rows, side: str) -> list:
     return [r["prompt"] + r[side] for r in rows]
 
 
-def evaluate(model, tokenizer, split, cfg: RewardConfig) -> dict:
-    """Held-out accuracy (+ bootstrap CI), accuracy by margin bucket, ECE, and normalisation stats."""
+def evaluate(model, tokenizer, split, cfg: RewardConfig) -> tuple[dict, list[float]]:
+    """Held-out accuracy (+ bootstrap CI), accuracy by margin bucket, ECE, and normalisation stats;
+    and each held-out pair's reward margin r_c − r_r, for the report's histogram."""
     import numpy as np
     from scipy import stats
 
@@ -172,11 +173,10 @@ def evaluate(model, tokenizer, split, cfg: RewardConfig) -> dict:
         "eval_mean_margin": float(loss_stats["margin"]),
         "eval_loss": float(eval_loss),
         "normalization": {"mean": float(train_rewards.mean()), "std": float(train_rewards.std().clamp(min=1e-6))},
-        "_margins": (r_c - r_r).tolist(),
     }
     if "margin" in split["test"].column_names:
         metrics["eval_accuracy_by_margin"] = accuracy_by_bucket(np.array(split["test"]["margin"]), correct)
-    return metrics
+    return metrics, (r_c - r_r).tolist()
 
 
 def accuracy_by_bucket(values, correct, n_buckets: int = 3) -> dict[str, dict]:

@@ -233,7 +233,8 @@ class DPOConfig(FineTuneConfig):
 class PPOHyperparameters(Section):
     """Names and defaults follow "The N+ Implementation Details of RLHF with PPO" (Huang et al. 2024)."""
 
-    epochs: int = Field(2, ge=1, description="optimisation passes over each rollout batch")
+    update_epochs: int = Field(2, ge=1, description="optimisation passes over each rollout batch "
+                                                    "(train.epochs counts passes over the prompts)")
     minibatch_size: int = Field(4, ge=1)
     cliprange: float = Field(0.2, gt=0)
     cliprange_value: float = Field(0.2, gt=0)

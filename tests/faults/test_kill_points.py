@@ -44,7 +44,7 @@ COMMANDS = {
                "normalization_samples=16"],
     "dpo": ["dpo", "model=base:latest", *TRAIN, "max_length=256", "kl_prompts=2", "max_new_tokens=4"],
     "ppo": ["ppo", "model=base:latest", "train.max_steps=6", "train.save_steps=2", "train.batch_size=4",
-            "ppo.minibatch_size=2", "ppo.epochs=1", "ppo.max_new_tokens=4", "eval_every=3", "eval_prompts=2"],
+            "ppo.minibatch_size=2", "ppo.update_epochs=1", "ppo.max_new_tokens=4", "eval_every=3", "eval_prompts=2"],
     "generate": ["generate", "model=base:latest", "k=2", "limit=4", "sampling.max_new_tokens=4"],
     "compare": ["compare", "checkpoints/base:v1", "checkpoints/other:v1", "judge=gold", "limit=4",
                 "sampling.max_new_tokens=4", "bootstrap_samples=100"],

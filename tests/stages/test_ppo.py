@@ -45,7 +45,7 @@ def test_ppo_raises_a_toy_reward_within_a_few_dozen_iterations(tiny_ws):
 
     cfg = load_config(PPOConfig, None, [
         "model=base:latest", "train.max_steps=30", "train.batch_size=16", "train.learning_rate=1e-2",
-        "ppo.minibatch_size=8", "ppo.epochs=4", "ppo.max_new_tokens=8", "ppo.kl_coef=0.01",
+        "ppo.minibatch_size=8", "ppo.update_epochs=4", "ppo.max_new_tokens=8", "ppo.kl_coef=0.01",
         "ppo.missing_eos_penalty=0", "ppo.temperature=1.0", "eval_every=10", "eval_prompts=16"])
     art = train(cfg, store, fraction_of_target)
     m = art.manifest["metrics"]
