@@ -95,7 +95,7 @@ def trainer_kwargs(train: TrainConfig, scratch: Path, precision: str, has_eval: 
         "use_cpu": not torch.cuda.is_available(),
         # TRL turns this on by default; the recompute costs ~30% step time, so it is on only where
         # memory needs it (`checkpointing_decision`).
-        "gradient_checkpointing": gradient_checkpointing,
+        "activation_checkpointing": gradient_checkpointing,  # transformers 5's name for it
         "eval_strategy": "steps" if (has_eval and train.eval_steps) else "no",
         "eval_steps": train.eval_steps,
         "save_strategy": "steps",
