@@ -83,4 +83,4 @@ def test_a_tokenizer_without_chat_template_is_refused_until_one_is_given(tmp_pat
     template.write_text(CHAT_TEMPLATE)
     assert rlhf(ws, "base", "import", str(plain), "--chat-template", str(template)) == 0
     assert ArtifactStore(ws).resolve("base:latest").manifest["metrics"]["has_chat_template"]
-    assert rlhf(ws, "sft", "train.max_steps=1", "train.batch_size=2", "max_length=64") == 0
+    assert rlhf(ws, "sft", "train.max_steps=1", "train.batch_size=2", "max_length=256") == 0
