@@ -262,6 +262,8 @@ def _quiet_libraries() -> None:
     """Keep the terminal for our own output."""
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category, module=QUIET_MODULES)
+    # TRL 1.16 still asks transformers 5.24 for the old name on every trainer start; nothing here to change.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     # bitsandbytes warns on every CPU import that its optional 4-bit CPU kernels are absent.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # transformers reports the reward model's new `score` head as "missing" on every load: expected here.
