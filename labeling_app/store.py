@@ -82,10 +82,11 @@ class User(Base):
 
 
 class LoginThrottle(Base):
-    """Failed logins per client (an IP or a session id, stored hashed).
+    """Failed logins per bucket (a browser session, or a token's first characters), stored hashed.
 
-    A wrong token names no user, so failures can only be counted per client: this table is
-    the failed-login counter and lockout (see auth.py).
+    A wrong token names no user, so failures are counted per bucket: this table is the
+    failed-login counter and lockout (see auth.py). The column keeps its first name so
+    existing databases need no migration.
     """
 
     __tablename__ = "login_throttle"

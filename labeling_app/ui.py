@@ -62,16 +62,12 @@ def letter(i: int) -> str:
 
 
 def client_key() -> str:
-    """Who failed logins are counted against: the client's IP when Streamlit knows it, else this browser session.
+    """Who failed logins are counted against: this browser session (see auth.py for why not the IP).
 
-    The IP survives a reload, so a reload does not reset the failure count; Streamlit
-    reports no IP for localhost, where the per-session id is all there is.
+    A logout keeps it, so failures keep counting in this browser after a logout.
     """
-    ip = st.context.ip_address
-    if isinstance(ip, str) and ip:  # (under AppTest's mocked runtime it is not a str)
-        return f"ip:{ip}"
     if "client_key" not in st.session_state:
-        st.session_state.client_key = f"session:{uuid.uuid4().hex}"
+        st.session_state.client_key = uuid.uuid4().hex
     return st.session_state.client_key
 
 

@@ -157,6 +157,22 @@ def test_repeated_failures_lock_the_client_out_with_exponential_backoff(store):
     assert auth.locked_until(store, "ip-1", now=t2) is None  # a fresh count: 1 failure is free
 
 
+def test_a_success_never_resets_another_clients_count_and_a_guessed_prefix_locks_across_sessions(store):
+    _, token = auth.add_user(store, "alice")
+    for i in range(auth.FREE_FAILURES - 1):
+        assert auth.authenticate(store, f"guess-{i}-of-many", "session-1", now=T0) is None
+    assert auth.authenticate(store, token, "session-2", now=T0).name == "alice"
+    # session-1's count went on: its next failure is the 5th and locks it.
+    assert auth.authenticate(store, "another-guess", "session-1", now=T0) is None
+    assert auth.locked_until(store, "session-1", now=T0) == T0 + auth.BASE_LOCKOUT
+    # Guessing the rest of a known token beginning from fresh sessions meets that prefix's lock.
+    known = token[:auth.PREFIX_CHARS]
+    for i in range(auth.FREE_FAILURES):
+        assert auth.authenticate(store, known + f"guess{i}", f"fresh-{i}", now=T0) is None
+    assert auth.authenticate(store, token, "fresh-last", now=T0) is None
+    assert auth.authenticate(store, token, "fresh-last", now=T0 + auth.BASE_LOCKOUT).name == "alice"
+
+
 def test_lockout_backoff_is_capped_and_old_failures_are_forgotten(store):
     assert auth.lockout_for(auth.FREE_FAILURES - 1) == dt.timedelta(0)
     assert auth.lockout_for(auth.FREE_FAILURES + 2) == 4 * auth.BASE_LOCKOUT
