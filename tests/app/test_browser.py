@@ -22,12 +22,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
 
 from conftest import build_dashboard_workspace, unavailable
 from labeling_app import auth
+from labeling_app.assign import peek_item
 from labeling_app.labels import label_of, load_task_set
-from labeling_app.store import Assignment, LabelStore
+from labeling_app.store import LabelStore
 from rlhf import data
 from rlhf.artifacts import ArtifactStore
 
@@ -174,9 +174,7 @@ def test_log_in_rank_submit_reload_and_export_in_chromium(chromium, workspace, a
             wait_idle(page)  # the run that leases the first item has committed
             assert "s=" in page.url and token not in page.url
 
-            with store.session() as s:
-                assignment = s.scalar(select(Assignment).where(Assignment.user_id == alice.id))
-            item = store.item(assignment.item_id)
+            item, shown = peek_item(store, alice, store.task_set().name)  # shown, not yet leased
             prefix = f"item{item.id}"
             # The shortcut script marks the highlighted response once it is listening.
             expect(page.locator(f".st-key-{prefix}_resp_0")).to_have_css("outline-style", "solid")
@@ -227,8 +225,7 @@ def test_log_in_rank_submit_reload_and_export_in_chromium(chromium, workspace, a
         finally:
             browser.close()
 
-    shown = list(assignment.shown_order)  # letter i is shown[i]
-    a, b, c, d = shown
+    a, b, c, d = shown  # letter i is shown[i]
     label = label_of(store, alice, item.id)
     assert label.ranking == [[b], sorted([a, c]), [d]] and label.shown_order == shown
     store.close()
@@ -276,8 +273,10 @@ def test_two_items_in_a_row_ranked_by_keyboard_are_exported_as_the_keys_pressed(
                     page.keyboard.press(key)
                     page.wait_for_timeout(150)
                 wait_idle(page)
+                page.get_by_role("button", name="Submit").scroll_into_view_if_needed()  # where the eye is
                 page.keyboard.press("Control+Enter")
-                expect(page.get_by_text("Saved. Your ranking:")).to_be_visible()
+                # Feedback shows beside Submit, inside the 1280x900 window, not at the page's top.
+                expect(page.get_by_text("Saved. Your ranking:")).to_be_in_viewport()
                 wait_idle(page)
                 pressed[item_id] = keys
         finally:
