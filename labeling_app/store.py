@@ -252,6 +252,15 @@ class LabelStore:
     # -- engine set-up -----------------------------------------------------------
 
     def _configure_sqlite(self) -> None:
+        path = self.engine.url.database
+        if path and path != ":memory:" and not path.startswith("file:"):
+            # Labels and token hashes are nobody else's business: create the file 0600 before
+            # SQLite does (it would use the umask, typically 0644). SQLite gives the -wal and
+            # -shm files the database file's permissions.
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except OSError:
+                pass  # it exists (its mode is the owner's choice), or SQLite's own error says why below
         @event.listens_for(self.engine, "connect")
         def _on_connect(dbapi_conn, _record):
             # Take BEGIN away from the sqlite3 driver, whose legacy mode skips it before
