@@ -54,8 +54,13 @@ def slots_taken(s: Session, item_id: int, now: dt.datetime, except_user_id: int 
 
 
 def lock_user(s: Session, user_id: int) -> None:
-    """Serialise one user's concurrent requests (no-op on SQLite, where writers are serial anyway)."""
-    s.execute(select(User.id).where(User.id == user_id).with_for_update(key_share=True))
+    """Serialise one user's concurrent requests.
+
+    Skipped on SQLite, which has no row locks: BEGIN IMMEDIATE already serialises every
+    writer there, and the statement would only lengthen the time the write lock is held.
+    """
+    if s.get_bind().dialect.name != "sqlite":
+        s.execute(select(User.id).where(User.id == user_id).with_for_update(key_share=True))
 
 
 def lock_item(s: Session, item_id: int) -> tuple[Item, TaskSet] | None:

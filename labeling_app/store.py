@@ -217,7 +217,10 @@ class LabelStore:
     def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 50):
         self.url = url
         try:
-            self.engine = create_engine(url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True)
+            # A pre-ping costs a round trip per checkout; it guards against a database server that
+            # restarted under the pool, which a SQLite file cannot do.
+            self.engine = create_engine(url, pool_size=pool_size, max_overflow=max_overflow,
+                                        pool_pre_ping=not url.startswith("sqlite"))
         except (ArgumentError, NoSuchModuleError) as e:
             raise RlhfError(f"{url!r} is not a usable database URL ({e}); write e.g. sqlite:///labels.db "
                             "or postgresql+psycopg2://user@host/db") from None
