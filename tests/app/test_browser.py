@@ -253,7 +253,8 @@ def log_in_page(browser, server: str, token: str):
 
 
 def test_two_items_in_a_row_ranked_by_keyboard_are_exported_as_the_keys_pressed(chromium, workspace, server):
-    """The item after a "Saved" message takes its keys as pressed: the highlight survives the reruns."""
+    """The item after a "Saved" message takes its keys as pressed: the highlight survives the reruns,
+    and a digit never overwrites a rank just given by mouse."""
     from playwright.sync_api import expect, sync_playwright
 
     ws, db, token = workspace
@@ -264,11 +265,15 @@ def test_two_items_in_a_row_ranked_by_keyboard_are_exported_as_the_keys_pressed(
         browser = p.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
         try:
             page = log_in_page(browser, server, token)
-            for keys in ("2123", "3142"):
+            # On the second item response A is ranked by mouse first; the keys then rank B, C, D.
+            for mouse, keys in (("", "2123"), ("3", "142")):
                 page.get_by_role("heading", name="Rank the responses").click()  # focus the page, not a field
                 prefix = page.locator('[class*="st-key-item"][class*="_resp_0"]').first.get_attribute("class")
                 item_id = int(re.search(r"st-key-item(\d+)_resp_0", prefix).group(1))
                 expect(page.locator(f".st-key-item{item_id}_resp_0")).to_have_css("outline-style", "solid")
+                if mouse:
+                    page.locator(f".st-key-item{item_id}_rank_0").get_by_text(mouse, exact=True).click()
+                    wait_idle(page)
                 for key in keys:  # a practised annotator's pace: the next key comes while the last one's rerun runs
                     page.keyboard.press(key)
                     page.wait_for_timeout(150)
@@ -278,7 +283,7 @@ def test_two_items_in_a_row_ranked_by_keyboard_are_exported_as_the_keys_pressed(
                 # Feedback shows beside Submit, inside the 1280x900 window, not at the page's top.
                 expect(page.get_by_text("Saved. Your ranking:")).to_be_in_viewport()
                 wait_idle(page)
-                pressed[item_id] = keys
+                pressed[item_id] = mouse + keys
         finally:
             browser.close()
 
