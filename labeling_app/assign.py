@@ -34,6 +34,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from labeling_app.store import Assignment, Item, LabelStore, TaskSet, User, as_utc
+from rlhf.errors import RlhfError
 
 DEFAULT_LEASE_SECONDS = 900
 
@@ -53,8 +54,13 @@ def slots_taken(s: Session, item_id: int, now: dt.datetime, except_user_id: int 
 
 
 def lock_user(s: Session, user_id: int) -> None:
-    """Serialise one user's concurrent requests (no-op on SQLite, where writers are serial anyway)."""
-    s.execute(select(User.id).where(User.id == user_id).with_for_update(key_share=True))
+    """Serialise one user's concurrent requests.
+
+    Skipped on SQLite, which has no row locks: BEGIN IMMEDIATE already serialises every
+    writer there, and the statement would only lengthen the time the write lock is held.
+    """
+    if s.get_bind().dialect.name != "sqlite":
+        s.execute(select(User.id).where(User.id == user_id).with_for_update(key_share=True))
 
 
 def lock_item(s: Session, item_id: int) -> tuple[Item, TaskSet] | None:
@@ -92,18 +98,21 @@ def _own_lease(s: Session, user: User, task_set_id: int | None, now: dt.datetime
     return None
 
 
-def _candidate(s: Session, user: User, task_set_id: int | None, now: dt.datetime, passed: list[int],
-               skip_locked: bool) -> tuple[Item, TaskSet] | None:
-    """Lock the first item the user has never had that looks open (counted again under the lock)."""
+def _open_items(user: User, task_set_id: int | None, now: dt.datetime):
+    """SELECT the first item, with its task set, that the user never had and that has a free slot now."""
     mine = select(Assignment.id).where(Assignment.item_id == Item.id, Assignment.user_id == user.id).exists()
     taken = (select(func.count()).select_from(Assignment)
              .where(Assignment.item_id == Item.id, holds_slot(now)).scalar_subquery())
     stmt = (select(Item, TaskSet).join(TaskSet, TaskSet.id == Item.task_set_id)
             .where(~mine, taken < TaskSet.overlap)
-            .order_by(Item.id).limit(1)  # fill items in order, so complete items accumulate early
-            .with_for_update(of=Item, skip_locked=skip_locked, key_share=True))
-    if task_set_id is not None:
-        stmt = stmt.where(Item.task_set_id == task_set_id)
+            .order_by(Item.id).limit(1))  # fill items in order, so complete items accumulate early
+    return stmt if task_set_id is None else stmt.where(Item.task_set_id == task_set_id)
+
+
+def _candidate(s: Session, user: User, task_set_id: int | None, now: dt.datetime, passed: list[int],
+               skip_locked: bool) -> tuple[Item, TaskSet] | None:
+    """Lock the first item the user has never had that looks open (counted again under the lock)."""
+    stmt = _open_items(user, task_set_id, now).with_for_update(of=Item, skip_locked=skip_locked, key_share=True)
     if passed:
         stmt = stmt.where(Item.id.not_in(passed))
     row = s.execute(stmt).first()
@@ -144,5 +153,59 @@ def next_item(store: LabelStore, user: User, task_set: str | None = None,
                     return item, assignment
                 passed.append(item.id)
         return None
+
+    return store.transaction(lease)
+
+
+def peek_item(store: LabelStore, user: User, task_set: str | None = None, now: dt.datetime | None = None
+              ) -> tuple[Item, list[str]] | None:
+    """The item `next_item` would give the user and its shown order, without leasing anything.
+
+    For pages that show an item before the annotator starts on it: looking holds no slot.
+    The user's own open lease comes first (a reload shows the same item), then the first
+    item with a free slot. `start_item` takes the lease when they begin.
+    """
+    now = as_utc(now)
+    task_set_id = store.task_set(task_set).id if task_set else None
+    with store.session() as s:
+        stmt = (select(Assignment, Item, TaskSet).join(Item, Item.id == Assignment.item_id)
+                .join(TaskSet, TaskSet.id == Item.task_set_id)
+                .where(Assignment.user_id == user.id, Assignment.status == "leased").order_by(Assignment.id))
+        if task_set_id is not None:
+            stmt = stmt.where(Item.task_set_id == task_set_id)
+        for assignment, item, ts in s.execute(stmt).all():
+            if assignment.is_live(now) or slots_taken(s, item.id, now, except_user_id=user.id) < ts.overlap:
+                return item, list(assignment.shown_order)
+        row = s.execute(_open_items(user, task_set_id, now)).first()
+    return None if row is None else (row[0], shown_order(row[0], row[1].kind, user.id))
+
+
+def start_item(store: LabelStore, user: User, item_id: int, lease_seconds: int = DEFAULT_LEASE_SECONDS,
+               now: dt.datetime | None = None) -> Assignment:
+    """Lease this item to the user as they start on it (or renew their lease); raise if it filled meanwhile."""
+    now = as_utc(now)
+    expires = now + dt.timedelta(seconds=lease_seconds)
+
+    def lease(s: Session) -> Assignment:
+        lock_user(s, user.id)
+        found = lock_item(s, item_id)
+        if found is None:
+            raise RlhfError(f"no item {item_id} in the labels database")
+        item, ts = found
+        assignment = s.scalar(select(Assignment).where(Assignment.item_id == item_id, Assignment.user_id == user.id))
+        if assignment is not None and assignment.status == "skipped":
+            raise RlhfError(f"not assigned: {user.name} skipped item {item_id}")
+        if assignment is not None and assignment.status == "done":
+            return assignment  # labeled in another tab: `submit` tells a resend from a change
+        if (assignment is None or not assignment.is_live(now)) and \
+                slots_taken(s, item_id, now, except_user_id=user.id) >= ts.overlap:
+            raise RlhfError("other annotators took this item meanwhile; here is the next one")
+        if assignment is None:
+            assignment = Assignment(item_id=item_id, user_id=user.id, status="leased",
+                                    shown_order=shown_order(item, ts.kind, user.id), created_at=now)
+            s.add(assignment)
+        assignment.lease_expires_at = expires
+        s.flush()
+        return assignment
 
     return store.transaction(lease)

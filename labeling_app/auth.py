@@ -4,12 +4,20 @@ An annotator signs in with a random token printed once by `rlhf label users add`
 store keeps only its sha256, so a copy of the database does not let anyone sign in, and
 nothing here logs or returns a token except `add_user`, once.
 
-Repeated failures from one client (an IP address or a browser session id: the caller's
-`client_key`) lock that client out with exponential backoff: the first FREE_FAILURES
-wrong tokens are free, the next one locks the client for BASE_LOCKOUT, and each later one
-doubles it, up to MAX_LOCKOUT. While locked, every attempt is refused without looking at
-the token, even a correct one, and is not counted. A success clears the client's record;
-so does a quiet FORGET_AFTER since its last failure.
+Failed logins are counted per *bucket*, two for each attempt: the browser session that
+tried (the caller's `client_key`) and the first PREFIX_CHARS characters of the token that
+was tried. An IP address is never a bucket: behind a NAT or a reverse proxy a whole team
+shares one, and one guesser would lock everyone out. A bucket's first FREE_FAILURES - 1
+consecutive failures are free, the FREE_FAILURES-th locks it for BASE_LOCKOUT, and each
+later one doubles that, up to MAX_LOCKOUT. An attempt in a locked bucket is refused
+without looking at the token and is not counted.
+
+So a guesser slows only itself: a new browser session starts a fresh session bucket, but
+the prefix bucket catches repeated tries at one known token beginning (a token partly
+seen or leaked). Another annotator's correct token shares neither bucket (its prefix
+collides with a guess with probability 64**-PREFIX_CHARS) and is never refused. A success
+clears only its own session's record, never another client's count; a quiet FORGET_AFTER
+since a bucket's last failure clears it too.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ from sqlalchemy.orm import Session
 from labeling_app.store import ROLES, LabelStore, LoginThrottle, User, as_utc
 from rlhf.errors import RlhfError
 
-FREE_FAILURES = 5
+FREE_FAILURES = 5  # the 5th consecutive failure of a bucket locks it
+PREFIX_CHARS = 8
 BASE_LOCKOUT = dt.timedelta(seconds=30)
 MAX_LOCKOUT = dt.timedelta(hours=1)
 FORGET_AFTER = dt.timedelta(hours=24)
@@ -69,47 +78,57 @@ def add_user(store: LabelStore, name: str, role: str = "annotator", now: dt.date
     return store.transaction(create), token
 
 
-def _client_hash(client_key: str) -> str:
-    # Hashed so the table holds no IP addresses, and any key fits the column.
-    return hashlib.sha256(client_key.encode("utf-8")).hexdigest()
+def _bucket_hash(bucket: str) -> str:
+    # Hashed so the table holds no session ids or token beginnings, and any key fits the column.
+    return hashlib.sha256(bucket.encode("utf-8")).hexdigest()
+
+
+def _buckets(token: str, client_key: str) -> tuple[str, str]:
+    return _bucket_hash(f"session:{client_key}"), _bucket_hash(f"prefix:{token[:PREFIX_CHARS]}")
 
 
 def authenticate(store: LabelStore, token: str, client_key: str, now: dt.datetime | None = None) -> User | None:
-    """The user whose token this is, or None: a wrong token, or a client that is locked out."""
+    """The user whose token this is, or None: a wrong token, or a locked session or token prefix."""
     now = as_utc(now)
-    key = _client_hash(client_key)
+    session_key, prefix_key = _buckets(token, client_key)
 
     def attempt(s: Session) -> User | None:
-        throttle = s.scalar(select(LoginThrottle).where(LoginThrottle.client_key_hash == key).with_for_update())
-        if throttle is not None and throttle.last_failure_at < now - FORGET_AFTER:
-            s.delete(throttle)
-            s.flush()
-            throttle = None
-        if throttle is not None and throttle.locked_until is not None and throttle.locked_until > now:
+        # Locked in key order, so two attempts sharing both buckets cannot deadlock.
+        throttles = {t.client_key_hash: t for t in s.scalars(
+            select(LoginThrottle).where(LoginThrottle.client_key_hash.in_(sorted({session_key, prefix_key})))
+            .order_by(LoginThrottle.client_key_hash).with_for_update())}
+        for key, throttle in list(throttles.items()):
+            if throttle.last_failure_at < now - FORGET_AFTER:
+                s.delete(throttle)
+                del throttles[key]
+        s.flush()
+        if any(t.locked_until is not None and t.locked_until > now for t in throttles.values()):
             return None
         # Looked up by hash: comparing hashes of a guess leaks nothing useful about the real token.
         user = s.scalar(select(User).where(User.token_hash == hash_token(token))) if token else None
         if user is not None:
-            if throttle is not None:
-                s.delete(throttle)
+            if session_key in throttles:
+                s.delete(throttles[session_key])
             return user
-        if throttle is None:
-            throttle = LoginThrottle(client_key_hash=key, failures=0)
-            s.add(throttle)
-        throttle.failures += 1
-        throttle.last_failure_at = now
-        lock = lockout_for(throttle.failures)
-        throttle.locked_until = now + lock if lock else None
+        for key in {session_key, prefix_key}:
+            throttle = throttles.get(key)
+            if throttle is None:
+                throttle = LoginThrottle(client_key_hash=key, failures=0)
+                s.add(throttle)
+            throttle.failures += 1
+            throttle.last_failure_at = now
+            lock = lockout_for(throttle.failures)
+            throttle.locked_until = now + lock if lock else None
         return None
 
     return store.transaction(attempt)
 
 
 def locked_until(store: LabelStore, client_key: str, now: dt.datetime | None = None) -> dt.datetime | None:
-    """When the client's lockout ends (naive UTC), or None if it may try now; for the login page's message."""
+    """When this browser session's lockout ends (naive UTC), or None if it may try now; for the login page."""
     now = as_utc(now)
     with store.session() as s:
-        throttle = s.get(LoginThrottle, _client_hash(client_key))
+        throttle = s.get(LoginThrottle, _bucket_hash(f"session:{client_key}"))
     if throttle is None or throttle.locked_until is None or throttle.locked_until <= now:
         return None
     if throttle.last_failure_at < now - FORGET_AFTER:

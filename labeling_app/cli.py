@@ -4,10 +4,13 @@
     rlhf label load candidates:v3 [--overlap 3] [--name NAME]
     rlhf label load-ab candidates:v4 candidates:v5 [--name NAME] [--overlap 1]
     rlhf label status
-    rlhf label serve [--port 8501]                        # the Streamlit app, on http://localhost:8501
+    rlhf label serve [--port 8501] [--address 127.0.0.1]  # the Streamlit app, on http://127.0.0.1:8501
     rlhf label export [--pairs all|best-vs-rest] [--min-annotators N] [--task-set NAME]
 
 Each takes `--db URL` (default: $RLHF_LABEL_DB, else sqlite:///<workspace>/labels.db).
+On PostgreSQL the tables have plain names (users, items, labels, ...): give the app a
+database of its own, or a schema of its own with
+`postgresql+psycopg2://user@host/db?options=-csearch_path%3Dlabeling` (create it first).
 SQLAlchemy and the store are imported only when a label command runs, so `rlhf --help`
 stays fast.
 """
@@ -34,6 +37,20 @@ def _port(text: str) -> int:
     if value > 65535:
         raise argparse.ArgumentTypeError(f"a port is at most 65535, got {value}")
     return value
+
+
+def _address(text: str) -> str:
+    """An IP address or a host name to listen on."""
+    import ipaddress
+    import re
+
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    if re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not an IP address or host name")
 
 
 def add_label_parser(subparsers: argparse._SubParsersAction, common_parent: argparse.ArgumentParser) -> None:
@@ -68,6 +85,9 @@ def add_label_parser(subparsers: argparse._SubParsersAction, common_parent: argp
 
     serve = actions.add_parser("serve", parents=parents, help="start the Streamlit labeling app")
     serve.add_argument("--port", type=_port, default=8501, help="port to listen on (default 8501)")
+    serve.add_argument("--address", type=_address, default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1, this machine only; to reach it from "
+                            "elsewhere, put a TLS reverse proxy in front rather than listening on 0.0.0.0)")
 
     export = actions.add_parser("export", parents=parents,
                                 help="write preferences + rankings (or ab_votes for an A/B task set)")
@@ -186,9 +206,11 @@ def _serve(store, artifact_store, args: argparse.Namespace) -> int:
     app = Path(__file__).with_name("app.py")
     env = {**os.environ, "RLHF_WORKSPACE": str(artifact_store.root), "RLHF_LABEL_DB": store.url}
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
+           "--server.address", args.address,
            "--server.headless", "true", "--browser.gatherUsageStats", "false",
            "--client.toolbarMode", "minimal"]  # annotators need no Deploy button or developer menu
-    print(f"labeling app for {store.safe_url} on http://localhost:{args.port} (Ctrl+C stops it)", flush=True)
+    host = f"[{args.address}]" if ":" in args.address else args.address
+    print(f"labeling app for {store.safe_url} on http://{host}:{args.port} (Ctrl+C stops it)", flush=True)
     proc = subprocess.Popen(cmd, env=env)
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:

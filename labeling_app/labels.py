@@ -31,6 +31,7 @@ from rlhf.errors import RlhfError
 
 Ranking = list[list[str]]
 MAX_RATIONALE = 10_000
+MAX_FLAG = 500  # a reason for an admin, not a document
 
 # -- task sets ---------------------------------------------------------------------
 
@@ -174,6 +175,8 @@ def _judgement(ranking: Any, none_acceptable: bool, flag: str | None, rationale:
                item: Item, choice: str | None = None) -> _Judgement:
     if flag is not None and (not isinstance(flag, str) or not flag.strip()):
         raise RlhfError("a flag needs a reason; pass None for no flag")
+    if flag is not None and len(flag.strip()) > MAX_FLAG:
+        raise RlhfError(f"the flag reason is {len(flag.strip())} characters; keep it under {MAX_FLAG}")
     rationale = (rationale or "").strip()
     if len(rationale) > MAX_RATIONALE:
         raise RlhfError(f"the rationale is {len(rationale)} characters; keep it under {MAX_RATIONALE}")

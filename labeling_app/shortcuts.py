@@ -6,7 +6,8 @@ class Streamlit puts on every keyed element. Everything the script needs is pass
 JSON; no page data goes into it.
 
 Ranking: digits 1-9 give the highlighted response that rank and move the highlight to the
-next response; letters a-z move the highlight to that response; Ctrl+Enter (or Cmd+Enter)
+next response (as a rank given by mouse does; the highlight is kept per item across
+reruns, and a new item starts at its first unranked response); letters a-z move the highlight to that response; Ctrl+Enter (or Cmd+Enter)
 clicks the page's submit button. Single keys are ignored while the annotator is typing
 in a text field, so a rationale can contain digits.
 """
@@ -28,12 +29,22 @@ _SCRIPT = """<script>
   const cfg = %s;
   const win = window.parent, doc = win.document;
   if (win.__rlhfKeys) doc.removeEventListener("keydown", win.__rlhfKeys, true);
+  if (win.__rlhfClick) doc.removeEventListener("click", win.__rlhfClick, true);
   const box = (key) => doc.querySelector(".st-key-" + key);
   const click = (key) => { const b = box(key); const btn = b && b.querySelector("button"); if (btn) btn.click(); };
-  let current = 0;
+  // Any rerun can rebuild this iframe, so the highlight lives on the page, keyed by the
+  // item's widgets: a fresh script for the same item picks it up where the last one left it.
+  const item = cfg.responses.join(" ");
+  const ranked = (i) => { const b = box(cfg.radios[i]); return !!(b && b.querySelector("input:checked")); };
+  if (!win.__rlhfHighlight || win.__rlhfHighlight.item !== item) {
+    // A new item starts at its first response without a rank, never on one ranked by mouse.
+    const first = cfg.radios.findIndex((_, i) => !ranked(i));
+    win.__rlhfHighlight = { item, current: first < 0 ? 0 : first };
+  }
+  const state = win.__rlhfHighlight;
   const highlight = () => cfg.responses.forEach((key, i) => {
     const b = box(key);
-    if (b) b.style.outline = i === current ? "3px solid #ff4b4b" : "";
+    if (b) b.style.outline = i === state.current ? "3px solid #ff4b4b" : "";
   });
   const setRank = (i, n) => {
     const b = box(cfg.radios[i]);
@@ -48,6 +59,7 @@ _SCRIPT = """<script>
     // A page switch can drop the iframe while the listener lives on; it then removes itself.
     if (!window.frameElement || !window.frameElement.isConnected) {
       doc.removeEventListener("keydown", onKey, true);
+      doc.removeEventListener("click", onClick, true);
       return;
     }
     if ((e.ctrlKey || e.metaKey) && e.key === "Enter" && cfg.submit) {
@@ -62,18 +74,28 @@ _SCRIPT = """<script>
     const n = cfg.radios.length;
     if (n && /^[1-9]$/.test(key) && Number(key) <= n) {
       e.preventDefault();
-      if (setRank(current, Number(key))) { current = Math.min(current + 1, n - 1); highlight(); }
+      setRank(state.current, Number(key));  // its click moves the highlight on
     } else if (n && key.length === 1 && key >= "a" && key.charCodeAt(0) - 97 < n) {
       e.preventDefault();
-      current = key.charCodeAt(0) - 97;
+      state.current = key.charCodeAt(0) - 97;
       highlight();
     } else if (cfg.keys[key]) {
       e.preventDefault();
       click(cfg.keys[key]);
     }
   };
+  // A rank given by key or by mouse moves the highlight past that response, so the next
+  // digit never overwrites a rank just given.
+  const onClick = (e) => {
+    const i = cfg.radios.findIndex((key) => { const b = box(key); return b && b.contains(e.target); });
+    if (i < 0 || !e.target.closest("label")) return;
+    state.current = Math.min(i + 1, cfg.radios.length - 1);
+    highlight();
+  };
   win.__rlhfKeys = onKey;
+  win.__rlhfClick = onClick;
   doc.addEventListener("keydown", onKey, true);
+  doc.addEventListener("click", onClick, true);
   highlight();
 })();
 </script>"""

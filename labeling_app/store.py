@@ -82,10 +82,11 @@ class User(Base):
 
 
 class LoginThrottle(Base):
-    """Failed logins per client (an IP or a session id, stored hashed).
+    """Failed logins per bucket (a browser session, or a token's first characters), stored hashed.
 
-    A wrong token names no user, so failures can only be counted per client: this table is
-    the failed-login counter and lockout (see auth.py).
+    A wrong token names no user, so failures are counted per bucket: this table is the
+    failed-login counter and lockout (see auth.py). The column keeps its first name so
+    existing databases need no migration.
     """
 
     __tablename__ = "login_throttle"
@@ -216,7 +217,10 @@ class LabelStore:
     def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 50):
         self.url = url
         try:
-            self.engine = create_engine(url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True)
+            # A pre-ping costs a round trip per checkout; it guards against a database server that
+            # restarted under the pool, which a SQLite file cannot do.
+            self.engine = create_engine(url, pool_size=pool_size, max_overflow=max_overflow,
+                                        pool_pre_ping=not url.startswith("sqlite"))
         except (ArgumentError, NoSuchModuleError) as e:
             raise RlhfError(f"{url!r} is not a usable database URL ({e}); write e.g. sqlite:///labels.db "
                             "or postgresql+psycopg2://user@host/db") from None
@@ -251,6 +255,15 @@ class LabelStore:
     # -- engine set-up -----------------------------------------------------------
 
     def _configure_sqlite(self) -> None:
+        path = self.engine.url.database
+        if path and path != ":memory:" and not path.startswith("file:"):
+            # Labels and token hashes are nobody else's business: create the file 0600 before
+            # SQLite does (it would use the umask, typically 0644). SQLite gives the -wal and
+            # -shm files the database file's permissions.
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except OSError:
+                pass  # it exists (its mode is the owner's choice), or SQLite's own error says why below
         @event.listens_for(self.engine, "connect")
         def _on_connect(dbapi_conn, _record):
             # Take BEGIN away from the sqlite3 driver, whose legacy mode skips it before

@@ -19,11 +19,12 @@ import streamlit as st
 
 from labeling_app import auth, sessions
 from labeling_app.labels import Progress, Ranking, progress
-from labeling_app.store import LabelStore, TaskSet, User, utcnow
+from labeling_app.store import Label, LabelStore, TaskSet, User, utcnow
 from rlhf.artifacts import ArtifactStore
 from rlhf.errors import RlhfError
 
 SESSION_PARAM = "s"  # the URL query parameter holding the session id (see sessions.py)
+TASK_SET_PARAM = "set"  # ... and the one holding the chosen task set's id
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 ROLE_TITLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~&$:=\"'])")
@@ -62,16 +63,12 @@ def letter(i: int) -> str:
 
 
 def client_key() -> str:
-    """Who failed logins are counted against: the client's IP when Streamlit knows it, else this browser session.
+    """Who failed logins are counted against: this browser session (see auth.py for why not the IP).
 
-    The IP survives a reload, so a reload does not reset the failure count; Streamlit
-    reports no IP for localhost, where the per-session id is all there is.
+    A logout keeps it, so failures keep counting in this browser after a logout.
     """
-    ip = st.context.ip_address
-    if isinstance(ip, str) and ip:  # (under AppTest's mocked runtime it is not a str)
-        return f"ip:{ip}"
     if "client_key" not in st.session_state:
-        st.session_state.client_key = f"session:{uuid.uuid4().hex}"
+        st.session_state.client_key = uuid.uuid4().hex
     return st.session_state.client_key
 
 
@@ -163,11 +160,36 @@ def attempt(action: Callable[[], T], kind: str, message: Callable[[T], str]) -> 
     return True
 
 
+def start(label_store: LabelStore, user: User, item_id: int) -> None:
+    """The annotator began on a shown item: lease it now (once per item and browser session).
+
+    Pages show items with `peek_item`, so someone who only looks holds no slot. If the
+    item filled meanwhile, the error is flashed and the next run shows another item.
+    """
+    try:
+        started(label_store, user, item_id, lambda: None)()
+    except RlhfError as e:
+        show_error(e)
+
+
+def started(label_store: LabelStore, user: User, item_id: int, action: Callable[[], T]) -> Callable[[], T]:
+    """`action`, run after the item's lease is taken (a vote or a submit can be the first touch)."""
+    from labeling_app.assign import start_item
+
+    def run() -> T:
+        if st.session_state.get("started_item") != item_id:
+            start_item(label_store, user, item_id)
+            st.session_state.started_item = item_id
+        return action()
+
+    return run
+
+
 def on_skip(label_store: LabelStore, user, item_id: int) -> None:
     """The Skip button of both labeling pages."""
     from labeling_app.labels import skip
 
-    attempt(lambda: skip(label_store, user, item_id), "info",
+    attempt(started(label_store, user, item_id, lambda: skip(label_store, user, item_id)), "info",
             lambda _: "Skipped. The item goes back to the pool for others.")
 
 
@@ -181,10 +203,16 @@ def pick_task_set(label_store: LabelStore, kind: str, label: str) -> TaskSet | N
         return None
     if len(sets) == 1:
         return sets[0]
+    # The choice lives in the URL too, so a reload stays on the same set instead of
+    # silently switching to the newest one.
+    ids = [ts.id for ts in sets]
+    in_url = st.query_params.get(TASK_SET_PARAM, "")
+    index = ids.index(int(in_url)) if in_url.isdigit() and int(in_url) in ids else 0
     # A/B sets are offered by number: their names hold the candidate datasets' names,
     # which can hint at the models behind the sides.
     names = {ts.id: (ts.name if kind == "rank" else f"A/B task set {ts.id}") for ts in sets}
-    chosen = st.selectbox(label, [ts.id for ts in sets], format_func=names.__getitem__, key=f"task_set_{kind}")
+    chosen = st.selectbox(label, ids, index=index, format_func=names.__getitem__, key=f"task_set_{kind}")
+    st.query_params[TASK_SET_PARAM] = str(chosen)
     return next(ts for ts in sets if ts.id == chosen)
 
 
@@ -204,9 +232,17 @@ def show_conversation(messages: Sequence[dict[str, str]]) -> None:
             st.text(message.get("content", ""))
 
 
+LONG_TEXT_CHARS = 1200  # past this a response scrolls in a box, so Submit stays near the responses
+LONG_TEXT_HEIGHT = 320  # px: about 14 lines, two such boxes fit a laptop screen
+
+
 def show_response(title: str, text: str) -> None:
     st.markdown(f"**{title}**")
-    st.text(text)
+    if len(text) > LONG_TEXT_CHARS or text.count("\n") > 14:
+        with st.container(height=LONG_TEXT_HEIGHT, border=False):
+            st.text(text)
+    else:
+        st.text(text)
 
 
 # -- ranks chosen on the page -> a ranking --------------------------------------------------
@@ -234,6 +270,26 @@ def ranks_from_ranking(ranking: Ranking, shown_order: Sequence[str]) -> list[int
     """The inverse, for prefilling a revision: each shown response's group number, from 1."""
     group_of = {rid: i + 1 for i, group in enumerate(ranking) for rid in group}
     return [group_of[rid] for rid in shown_order]
+
+
+def describe_label(label: Label, shown_order: Sequence[str]) -> str:
+    """What a label says, for "Saved" and the last-submission panel.
+
+    A flagged or none-acceptable label without ranks is stored as one all-tied group; it
+    is described as "no ranking", never as "A = B = C", which would read as a real tie.
+    """
+    marks = [m for m, on in (("none acceptable", label.none_acceptable), ("flagged", label.flag)) if on]
+    if marks and len(label.ranking) == 1:
+        return f"no ranking ({', '.join(marks)})"
+    return describe_ranking(label.ranking, shown_order) + (f" ({', '.join(marks)})" if marks else "")
+
+
+def saved_message(label: Label, shown_order: Sequence[str], saved: str = "Saved") -> str:
+    """The confirmation after a submit: what was saved, in words that cannot be read as a tie."""
+    marks = [m for m, on in (("none acceptable", label.none_acceptable), ("flagged", label.flag)) if on]
+    if marks and len(label.ranking) == 1:
+        return f"{saved} as {' and '.join(marks)}, with no ranking."
+    return f"{saved}. Your ranking: {describe_label(label, shown_order)}"
 
 
 def describe_ranking(ranking: Ranking, shown_order: Sequence[str]) -> str:

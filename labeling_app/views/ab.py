@@ -10,8 +10,8 @@ from __future__ import annotations
 import streamlit as st
 
 from labeling_app import shortcuts, ui
-from labeling_app.assign import next_item
-from labeling_app.labels import last_label, revise_ab, submit_ab
+from labeling_app.assign import peek_item
+from labeling_app.labels import MAX_FLAG, MAX_RATIONALE, last_label, revise_ab, submit_ab
 
 CHOICES = {"A": "A is better", "B": "B is better", "tie": "Tie", "both_bad": "Both bad"}
 KEYS = {"A": "a", "B": "b", "tie": "t", "both_bad": "x"}
@@ -21,7 +21,6 @@ st.title("Blind A/B comparison")
 task_set = ui.pick_task_set(store, "ab", "Comparison set")
 if task_set is None:
     st.stop()
-ui.show_flash()
 ui.show_progress(store, user, task_set.name)
 
 
@@ -32,7 +31,8 @@ def extras(prefix: str) -> tuple[str | None, str]:
 
 def on_vote(item_id: int, choice: str, prefix: str) -> None:
     flag, rationale = extras(prefix)
-    ui.attempt(lambda: submit_ab(store, user, item_id, choice, flag=flag, rationale=rationale), "success",
+    ui.attempt(ui.started(store, user, item_id, lambda: submit_ab(store, user, item_id, choice, flag=flag,
+                                                                  rationale=rationale)), "success",
                lambda _: f"Saved. Your vote: {CHOICES[choice]}")
 
 
@@ -42,25 +42,31 @@ def on_change_vote(item_id: int, key: str) -> None:
                lambda _: f"Vote changed to: {CHOICES[choice]}")
 
 
-got = next_item(store, user, task_set.name)
+got = peek_item(store, user, task_set.name)  # a vote or Skip leases it: looking holds no slot
 if got is None:
+    ui.show_flash()  # the last item's "Saved"
     st.success("Nothing left for you to compare in this set. Thank you!")
 else:
-    item, assignment = got
+    item, shown = got
     prefix = f"ab{item.id}"
     st.subheader("Conversation")
     ui.show_conversation(item.prompt)
     st.subheader("Responses")
-    for i, (column, response) in enumerate(zip(st.columns(2), item.shown_responses(list(assignment.shown_order)))):
+    for i, (column, response) in enumerate(zip(st.columns(2), item.shown_responses(shown))):
         with column, st.container(border=True):
             ui.show_response(f"Response {ui.letter(i)}", response["text"])
-    st.text_input("Flag this item (reason)", key=f"{prefix}_flag", placeholder="leave empty for no flag")
-    st.text_area("Rationale (optional)", key=f"{prefix}_rationale")
+    st.text_input("Flag this item (reason)", key=f"{prefix}_flag", placeholder="leave empty for no flag",
+                  max_chars=MAX_FLAG)
+    st.text_area("Rationale (optional)", key=f"{prefix}_rationale", max_chars=MAX_RATIONALE)
     buttons = {choice: f"{prefix}_{choice}" for choice in CHOICES}
     for column, (choice, title) in zip(st.columns(len(CHOICES)), CHOICES.items()):
         column.button(title, key=buttons[choice], on_click=on_vote, args=(item.id, choice, prefix),
                       type="primary" if choice in ("A", "B") else "secondary", width="stretch")
-    st.button("Skip", key=f"{prefix}_skip", on_click=ui.on_skip, args=(store, user, item.id))
+    # Feedback beside Skip, under the votes where the eye is, in a column that is always there.
+    skip_col, feedback_col = st.columns([1, 5], vertical_alignment="center")
+    skip_col.button("Skip", key=f"{prefix}_skip", on_click=ui.on_skip, args=(store, user, item.id))
+    with feedback_col:
+        ui.show_flash()
     st.caption(shortcuts.AB_HELP)
     shortcuts.install(keys={KEYS[c]: key for c, key in buttons.items()} | {"s": f"{prefix}_skip"})
 

@@ -1,9 +1,13 @@
 """Ranking page: the conversation, the K responses in this annotator's recorded order, ranks with ties.
 
-The item comes from `next_item`, which returns the annotator's held lease on a reload,
-so a refresh shows the same item. Buttons act in callbacks bound to the item they were
-drawn for, so a click always lands on the item the annotator was looking at, even if
-another tab has moved on. "Saved" is shown only after `submit` has committed.
+The item comes from `peek_item`, which leases nothing: the lease is taken by the first
+touch of a widget (or by Submit / Skip), so someone who only looks holds no slot. It
+returns the annotator's held lease first, so a refresh shows the same item. Buttons act
+in callbacks bound to the item they were drawn for, so a click always lands on the item
+the annotator was looking at, even if another tab has moved on. "Saved" is shown only
+after `submit` has committed, beside the Submit button, where the eye is; it sits in a
+column that is always there, so its coming and going never shifts the page (which would
+rebuild the shortcut script).
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from typing import Any, Sequence
 import streamlit as st
 
 from labeling_app import shortcuts, ui
-from labeling_app.assign import next_item
-from labeling_app.labels import last_label, revise, submit
+from labeling_app.assign import peek_item
+from labeling_app.labels import MAX_FLAG, MAX_RATIONALE, last_label, revise, submit
 from labeling_app.store import Item, Label
 
 store, user = ui.store(), ui.current_user()
@@ -22,12 +26,15 @@ st.title("Rank the responses")
 task_set = ui.pick_task_set(store, "rank", "Task set")
 if task_set is None:
     st.stop()
-ui.show_flash()
 ui.show_progress(store, user, task_set.name)
 
 
 def rank_widgets(prefix: str, item: Item, shown_order: Sequence[str], saved: Label | None = None) -> None:
-    """The conversation, each response with a rank picker, and the extra controls."""
+    """The conversation, each response with a rank picker, and the extra controls.
+
+    Without `saved` (a new item, not a revision) the first change to any widget leases the item.
+    """
+    touch = {} if saved else {"on_change": ui.start, "args": (store, user, item.id)}
     st.subheader("Conversation")
     ui.show_conversation(item.prompt)
     st.subheader("Responses")
@@ -37,13 +44,14 @@ def rank_widgets(prefix: str, item: Item, shown_order: Sequence[str], saved: Lab
         with st.container(border=True, key=f"{prefix}_resp_{i}"):
             ui.show_response(f"Response {ui.letter(i)}", response["text"])
             st.radio(f"Rank of {ui.letter(i)}", list(range(1, k + 1)), horizontal=True, key=f"{prefix}_rank_{i}",
-                     index=None if ranks[i] is None else ranks[i] - 1)
+                     index=None if ranks[i] is None else ranks[i] - 1, **touch)
     st.checkbox("None acceptable", value=bool(saved and saved.none_acceptable), key=f"{prefix}_none",
-                help="Every response is bad. Ranks are then optional.")
+                help="Every response is bad. Ranks are then optional.", **touch)
     st.text_input("Flag this item (reason)", value=(saved.flag or "") if saved else "", key=f"{prefix}_flag",
-                  placeholder="leave empty for no flag",
+                  placeholder="leave empty for no flag", max_chars=MAX_FLAG, **touch,
                   help="A reason here flags the item for an admin (e.g. a broken prompt). Ranks are then optional.")
-    st.text_area("Rationale (optional)", value=saved.rationale if saved else "", key=f"{prefix}_rationale")
+    st.text_area("Rationale (optional)", value=saved.rationale if saved else "", key=f"{prefix}_rationale",
+                 max_chars=MAX_RATIONALE, **touch)
     st.caption(shortcuts.RANKING_HELP.format(k=k, last=ui.letter(k - 1)))
 
 
@@ -58,13 +66,13 @@ def judgement(prefix: str, shown_order: Sequence[str]) -> dict[str, Any]:
 
 
 def on_submit(item_id: int, shown_order: list[str], prefix: str) -> None:
-    ui.attempt(lambda: submit(store, user, item_id, **judgement(prefix, shown_order)), "success",
-               lambda label: f"Saved. Your ranking: {ui.describe_ranking(label.ranking, shown_order)}")
+    ui.attempt(ui.started(store, user, item_id, lambda: submit(store, user, item_id, **judgement(prefix, shown_order))),
+               "success", lambda label: ui.saved_message(label, shown_order))
 
 
 def on_revise(item_id: int, shown_order: list[str], prefix: str) -> None:
     if ui.attempt(lambda: revise(store, user, item_id, **judgement(prefix, shown_order)), "success",
-                  lambda label: f"Revision saved. Your ranking: {ui.describe_ranking(label.ranking, shown_order)}"):
+                  lambda label: ui.saved_message(label, shown_order, "Revision saved")):
         st.session_state.pop("revising", None)
 
 
@@ -77,9 +85,7 @@ def last_submission(label: Label) -> None:
     """The annotator's own most recent label, with the way to revise it."""
     with st.container(border=True, key="last_submission"):
         st.markdown("**Your last submission**")
-        marks = [m for m, on in (("none acceptable", label.none_acceptable), ("flagged", label.flag)) if on]
-        st.markdown(f"Ranking: {ui.describe_ranking(label.ranking, label.shown_order)}"
-                    + (f" ({', '.join(marks)})" if marks else ""))
+        st.markdown(f"Ranking: {ui.describe_label(label, label.shown_order)}")
         if label.flag:
             st.caption("Flag reason")
             st.text(label.flag)
@@ -99,25 +105,30 @@ if last is not None and st.session_state.get("revising") == last.item_id:
     item, prefix = store.item(last.item_id), f"rev{last.item_id}_{last.revision}"
     st.info("Revising your last submission.")
     rank_widgets(prefix, item, last.shown_order, saved=last)
-    save_col, cancel_col, _ = st.columns([1, 1, 3])
+    save_col, cancel_col, feedback_col = st.columns([1, 1, 4], vertical_alignment="center")
     save_col.button("Save revision", type="primary", key=f"{prefix}_save", on_click=on_revise,
                     args=(item.id, list(last.shown_order), prefix))
     cancel_col.button("Cancel", key=f"{prefix}_cancel", on_click=lambda: st.session_state.pop("revising", None))
+    with feedback_col:
+        ui.show_flash()
     install_shortcuts(prefix, len(last.shown_order), f"{prefix}_save")
     st.stop()
 st.session_state.pop("revising", None)
 
-got = next_item(store, user, task_set.name)
+got = peek_item(store, user, task_set.name)
 if got is None:
+    ui.show_flash()  # the last item's "Saved"
     st.success("Nothing left for you to rank in this task set. Thank you!")
 else:
-    item, assignment = got
-    prefix, shown_order = f"item{item.id}", list(assignment.shown_order)
+    item, shown_order = got
+    prefix = f"item{item.id}"
     rank_widgets(prefix, item, shown_order)
-    submit_col, skip_col, _ = st.columns([1, 1, 4])
+    submit_col, skip_col, feedback_col = st.columns([1, 1, 4], vertical_alignment="center")
     submit_col.button("Submit", type="primary", key=f"{prefix}_submit", on_click=on_submit,
                       args=(item.id, shown_order, prefix))
     skip_col.button("Skip", key=f"{prefix}_skip", on_click=ui.on_skip, args=(store, user, item.id))
+    with feedback_col:
+        ui.show_flash()
     install_shortcuts(prefix, len(shown_order), f"{prefix}_submit")
 if last is not None:
     last_submission(last)

@@ -13,6 +13,7 @@ install it as root). Without it the test is skipped, except under CI=true, where
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -21,12 +22,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
 
 from conftest import build_dashboard_workspace, unavailable
 from labeling_app import auth
+from labeling_app.assign import peek_item
 from labeling_app.labels import label_of, load_task_set
-from labeling_app.store import Assignment, LabelStore
+from labeling_app.store import LabelStore
 from rlhf import data
 from rlhf.artifacts import ArtifactStore
 
@@ -173,9 +174,7 @@ def test_log_in_rank_submit_reload_and_export_in_chromium(chromium, workspace, a
             wait_idle(page)  # the run that leases the first item has committed
             assert "s=" in page.url and token not in page.url
 
-            with store.session() as s:
-                assignment = s.scalar(select(Assignment).where(Assignment.user_id == alice.id))
-            item = store.item(assignment.item_id)
+            item, shown = peek_item(store, alice, store.task_set().name)  # shown, not yet leased
             prefix = f"item{item.id}"
             # The shortcut script marks the highlighted response once it is listening.
             expect(page.locator(f".st-key-{prefix}_resp_0")).to_have_css("outline-style", "solid")
@@ -226,8 +225,7 @@ def test_log_in_rank_submit_reload_and_export_in_chromium(chromium, workspace, a
         finally:
             browser.close()
 
-    shown = list(assignment.shown_order)  # letter i is shown[i]
-    a, b, c, d = shown
+    a, b, c, d = shown  # letter i is shown[i]
     label = label_of(store, alice, item.id)
     assert label.ranking == [[b], sorted([a, c]), [d]] and label.shown_order == shown
     store.close()
@@ -241,3 +239,91 @@ def test_log_in_rank_submit_reload_and_export_in_chromium(chromium, workspace, a
     # B beats everyone, A and C tie (no pair) and both beat D.
     assert got == {(text[b], text[a]), (text[b], text[c]), (text[b], text[d]), (text[a], text[d]), (text[c], text[d])}
     assert all(row["prompt"] == CONVERSATION and row["margin"] == 1.0 for row in preferences)
+
+
+def log_in_page(browser, server: str, token: str):
+    """A new browser context (its own Streamlit session), signed in or refused with `token`."""
+    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    page.set_default_timeout(20_000)
+    page.goto(server)
+    page.get_by_label("Login token", exact=True).fill(token)
+    page.get_by_role("button", name="Log in").click()
+    wait_idle(page)
+    return page
+
+
+def test_two_items_in_a_row_ranked_by_keyboard_are_exported_as_the_keys_pressed(chromium, workspace, server):
+    """The item after a "Saved" message takes its keys as pressed: the highlight survives the reruns,
+    and a digit never overwrites a rank just given by mouse."""
+    from playwright.sync_api import expect, sync_playwright
+
+    ws, db, token = workspace
+    store = LabelStore(db)
+    alice = store.user("alice")
+    pressed: dict[int, str] = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+        try:
+            page = log_in_page(browser, server, token)
+            # On the second item response A is ranked by mouse first; the keys then rank B, C, D.
+            for mouse, keys in (("", "2123"), ("3", "142")):
+                page.get_by_role("heading", name="Rank the responses").click()  # focus the page, not a field
+                prefix = page.locator('[class*="st-key-item"][class*="_resp_0"]').first.get_attribute("class")
+                item_id = int(re.search(r"st-key-item(\d+)_resp_0", prefix).group(1))
+                expect(page.locator(f".st-key-item{item_id}_resp_0")).to_have_css("outline-style", "solid")
+                if mouse:
+                    page.locator(f".st-key-item{item_id}_rank_0").get_by_text(mouse, exact=True).click()
+                    wait_idle(page)
+                for key in keys:  # a practised annotator's pace: the next key comes while the last one's rerun runs
+                    page.keyboard.press(key)
+                    page.wait_for_timeout(150)
+                wait_idle(page)
+                page.get_by_role("button", name="Submit").scroll_into_view_if_needed()  # where the eye is
+                page.keyboard.press("Control+Enter")
+                # Feedback shows beside Submit, inside the 1280x900 window, not at the page's top.
+                expect(page.get_by_text("Saved. Your ranking:")).to_be_in_viewport()
+                wait_idle(page)
+                pressed[item_id] = mouse + keys
+        finally:
+            browser.close()
+
+    done = subprocess.run(rlhf_command("--workspace", str(ws), "label", "export", "--db", db),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = data.load_rows(ArtifactStore(ws).resolve("rankings:latest", kind="dataset"))
+    items = {item.prompt_id: item.id for item in store.items(store.task_set().name)}
+    assert len(rows) == 2
+    for row in rows:
+        keys = pressed[items[row["prompt_id"]]]
+        shown = row["shown_order"]
+        groups: dict[int, list[str]] = {}
+        for rid, key in zip(shown, keys):
+            groups.setdefault(int(key), []).append(rid)
+        assert row["ranking"] == [sorted(groups[k]) for k in sorted(groups)], (keys, shown)
+    assert all(label_of(store, alice, i) is not None for i in pressed)
+    store.close()
+
+
+def test_a_client_locked_out_for_guessing_does_not_lock_out_another_on_the_same_ip(chromium, workspace, server):
+    from playwright.sync_api import expect, sync_playwright
+
+    _, _, token = workspace
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+        try:
+            guesser = log_in_page(browser, server, "wrong-guess-0")
+            for n in range(1, auth.FREE_FAILURES):
+                guesser.get_by_label("Login token", exact=True).fill(f"wrong-guess-{n}")
+                guesser.get_by_role("button", name="Log in").click()
+                wait_idle(guesser)
+            expect(guesser.get_by_text("Too many failed logins.")).to_be_visible()
+            # Another browser from the same address (127.0.0.1) signs in with the right token.
+            annotator = log_in_page(browser, server, token)
+            expect(annotator.get_by_role("heading", name="Rank the responses")).to_be_visible()
+            # ... and its success does not reset the guesser's lockout.
+            guesser.get_by_label("Login token", exact=True).fill("wrong-guess-again")
+            guesser.get_by_role("button", name="Log in").click()
+            wait_idle(guesser)
+            expect(guesser.get_by_text("Too many failed logins.")).to_be_visible()
+        finally:
+            browser.close()

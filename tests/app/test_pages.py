@@ -17,8 +17,8 @@ import pytest
 from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
-from labeling_app import auth, sessions, ui
-from labeling_app.assign import next_item
+from labeling_app import auth, labels, sessions, ui
+from labeling_app.assign import next_item, peek_item
 from labeling_app.labels import (agreement_report, label_of, label_records, load_ab_task_set, load_task_set,
                                  submit)
 from labeling_app.store import Assignment, Item, LabelStore, TaskSet
@@ -93,13 +93,10 @@ def sid_of(at: AppTest) -> str:
 
 
 def lease(env: Env, name: str, kind: str = "rank") -> tuple[Item, list[str]]:
-    """The item of `kind` the user's page is showing (their live lease) and its shown order."""
+    """The item of `kind` the user's page is showing (their lease, else the next open item) and its shown order."""
     user = env.store.user(name)
-    with env.store.session() as s:
-        assignment = s.scalar(select(Assignment).join(Item, Item.id == Assignment.item_id)
-                              .join(TaskSet, TaskSet.id == Item.task_set_id)
-                              .where(Assignment.user_id == user.id, Assignment.status == "leased", TaskSet.kind == kind))
-    return env.store.item(assignment.item_id), list(assignment.shown_order)
+    kinds = [ts.name for ts in env.store.task_sets() if ts.kind == kind]
+    return peek_item(env.store, user, kinds[-1] if kind == "ab" else env.task_set)
 
 
 def set_ranks(at: AppTest, prefix: str, ranks: list[int | None]) -> AppTest:
@@ -260,7 +257,9 @@ def test_none_acceptable_or_a_flag_makes_ranks_optional_and_is_stored(env):
     label = label_of(env.store, env.store.user("alice"), item.id)
     assert label.ranking == [sorted(item.response_ids)] and label.none_acceptable
     assert label.flag == "The prompt is cut off."
-    assert "Ranking: A = B = C = D (none acceptable, flagged)" in messages(at, "markdown")
+    # Said as what it is, never as "A = B = C = D", which reads as a four-way tie.
+    assert messages(at, "success") == ["Saved as none acceptable and flagged, with no ranking."]
+    assert "Ranking: no ranking (none acceptable, flagged)" in messages(at, "markdown")
 
 
 def test_a_second_submit_of_the_same_label_is_a_no_op_and_the_last_submission_can_be_revised(env):
@@ -413,3 +412,85 @@ def test_an_annotator_who_opens_the_admin_page_gets_admins_only_and_no_data(env)
     assert messages(at, "error")[0].startswith("Admins only.")
     assert not at.dataframe and not at.metric and not at.title
     assert "bob" not in page_text(at)
+
+
+# -- leases, task sets in the URL, long texts, limits -------------------------------------------
+
+
+def leases_of(env: Env, name: str) -> list[Assignment]:
+    with env.store.session() as s:
+        return list(s.scalars(select(Assignment).where(Assignment.user_id == env.store.user(name).id)))
+
+
+def test_looking_at_the_ranking_page_leases_nothing_until_the_annotator_starts_on_the_item(env):
+    admin = log_in(env, "root")  # an admin who only looks
+    open_app(sid_of(admin))  # ... and reloads
+    assert leases_of(env, "root") == []
+    at = log_in(env, "alice")
+    item, _ = lease(env, "alice")
+    assert leases_of(env, "alice") == []
+    at.radio(key=f"item{item.id}_rank_0").set_value(1).run()  # the first touch leases the item
+    [held] = leases_of(env, "alice")
+    assert (held.item_id, held.status) == (item.id, "leased")
+    open_app(sid_of(at))  # a reload shows the same item and takes no second lease
+    assert lease(env, "alice")[0].id == item.id and len(leases_of(env, "alice")) == 1
+
+
+def test_a_reload_stays_on_the_chosen_task_set_through_the_url(env):
+    newer = load_task_set(env.store, env.arts, make_candidates(env.arts, 2, name="later"), overlap=1).task_set
+    older = env.store.task_set(env.task_set)
+    at = log_in(env, "alice")
+    assert at.selectbox(key="task_set_rank").value == newer.id  # the newest set comes first
+    at.selectbox(key="task_set_rank").set_value(older.id).run()
+    assert at.query_params[ui.TASK_SET_PARAM] == str(older.id)
+    reloaded = AppTest.from_file(str(APP), default_timeout=30)
+    reloaded.query_params.update({ui.SESSION_PARAM: sid_of(at), ui.TASK_SET_PARAM: str(older.id)})
+    reloaded.run()
+    assert reloaded.selectbox(key="task_set_rank").value == older.id
+    shown = next(m for m in messages(reloaded, "markdown") if m.startswith("**Response"))
+    assert shown == "**Response A**" and lease(env, "alice")[0].task_set_id == older.id
+
+
+def test_long_responses_scroll_in_fixed_height_boxes_and_short_ones_do_not(env):
+    long_text = "A long answer. " * 4000  # 60 KB
+    ts = load_task_set(env.store, env.arts, make_candidates(env.arts, 1, name="long", texts=[long_text, "short"]),
+                       overlap=1).task_set
+    at = log_in(env, "alice")
+    at.selectbox(key="task_set_rank").set_value(ts.id).run()
+    item, _ = lease(env, "alice")
+
+    def texts_in_boxes(node, inside: bool = False) -> list[tuple[str, bool]]:
+        """Every text on the page, and whether it sits in a fixed-height (scrolling) box."""
+        proto = getattr(node, "proto", None)
+        height = getattr(getattr(proto, "height_config", None), "pixel_height", 0)
+        inside = inside or height == ui.LONG_TEXT_HEIGHT
+        if type(node).__name__ == "Text":
+            return [(node.value, inside)]
+        return [t for child in getattr(node, "children", {}).values() for t in texts_in_boxes(child, inside)]
+
+    boxed = dict(texts_in_boxes(at._tree))
+    assert boxed[f"{long_text} (item 0)"] and not boxed["short (item 0)"]
+    assert not any(boxed[m["content"]] for m in CONVERSATION)
+
+
+def test_flag_and_rationale_limits_hold_in_the_widgets_and_in_the_store(env):
+    at = log_in(env, "alice")
+    item, _ = lease(env, "alice")
+    prefix = f"item{item.id}"
+    assert at.text_input(key=f"{prefix}_flag").proto.max_chars == labels.MAX_FLAG
+    assert at.text_area(key=f"{prefix}_rationale").proto.max_chars == labels.MAX_RATIONALE
+    alice = env.store.user("alice")
+    next_item(env.store, alice, env.task_set)
+    with pytest.raises(RlhfError, match="flag reason is 1000000 characters"):
+        submit(env.store, alice, item.id, [sorted(item.response_ids)], flag="x" * 1_000_000)
+    assert label_of(env.store, alice, item.id) is None
+
+
+def test_a_flagged_item_with_ranks_confirms_its_ranking_and_the_flag(env):
+    at = log_in(env, "alice")
+    item, _ = lease(env, "alice")
+    prefix = f"item{item.id}"
+    set_ranks(at, prefix, [1, 2, 2, 3])
+    at.text_input(key=f"{prefix}_flag").input("Typo in the prompt.")
+    click(at, f"{prefix}_submit")
+    assert messages(at, "success") == ["Saved. Your ranking: A > B = C > D (flagged)"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 
 import pytest
 
@@ -246,3 +247,37 @@ def test_cli_uses_the_workspace_database_by_default(arts, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         label_cli(arts, "load", "candidates:v1", "--overlap", "0")
     assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_the_labels_database_is_created_readable_by_its_owner_only(arts, monkeypatch):
+    monkeypatch.delenv("RLHF_LABEL_DB", raising=False)
+    previous = os.umask(0o022)  # the usual umask, which alone would make it 0644
+    try:
+        assert label_cli(arts, "users", "add", "bob") == 0
+    finally:
+        os.umask(previous)
+    for path in arts.root.glob("labels.db*"):  # the database, and its -wal and -shm if left
+        assert path.stat().st_mode & 0o777 == 0o600, path
+
+
+def test_serve_listens_on_127_0_0_1_unless_told_and_rejects_a_bad_address(arts, capsys, monkeypatch):
+    started: list[list[str]] = []
+
+    class Server:
+        def __init__(self, cmd, env):
+            started.append(cmd)
+
+        def wait(self, timeout=None):
+            return 0
+
+    monkeypatch.setattr("subprocess.Popen", Server)
+    assert label_cli(arts, "serve") == 0
+    assert label_cli(arts, "serve", "--address", "0.0.0.0", "--port", "9000") == 0
+    default, everywhere = started
+    assert default[default.index("--server.address") + 1] == "127.0.0.1"
+    assert everywhere[everywhere.index("--server.address") + 1] == "0.0.0.0"
+    assert "on http://127.0.0.1:8501" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        label_cli(arts, "serve", "--address", "not a host!")
+    assert exit_.value.code == 2
+    assert "'not a host!' is not an IP address or host name" in capsys.readouterr().err

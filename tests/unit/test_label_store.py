@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from conftest import pg_schema_url
 from labeling_app import auth
-from labeling_app.assign import next_item
+from labeling_app.assign import next_item, peek_item, start_item
 from labeling_app.labels import (annotator_progress, flagged_items, label_of, last_label, load_ab_task_set,
                                  load_task_set, progress, revise, skip, submit, submit_ab, task_set_progress)
 from labeling_app.store import Assignment, Label, LabelStore
@@ -155,6 +155,22 @@ def test_repeated_failures_lock_the_client_out_with_exponential_backoff(store):
     assert auth.authenticate(store, token, "ip-1", now=t2).name == "alice"
     assert auth.authenticate(store, "guess", "ip-1", now=t2) is None
     assert auth.locked_until(store, "ip-1", now=t2) is None  # a fresh count: 1 failure is free
+
+
+def test_a_success_never_resets_another_clients_count_and_a_guessed_prefix_locks_across_sessions(store):
+    _, token = auth.add_user(store, "alice")
+    for i in range(auth.FREE_FAILURES - 1):
+        assert auth.authenticate(store, f"guess-{i}-of-many", "session-1", now=T0) is None
+    assert auth.authenticate(store, token, "session-2", now=T0).name == "alice"
+    # session-1's count went on: its next failure is the 5th and locks it.
+    assert auth.authenticate(store, "another-guess", "session-1", now=T0) is None
+    assert auth.locked_until(store, "session-1", now=T0) == T0 + auth.BASE_LOCKOUT
+    # Guessing the rest of a known token beginning from fresh sessions meets that prefix's lock.
+    known = token[:auth.PREFIX_CHARS]
+    for i in range(auth.FREE_FAILURES):
+        assert auth.authenticate(store, known + f"guess{i}", f"fresh-{i}", now=T0) is None
+    assert auth.authenticate(store, token, "fresh-last", now=T0) is None
+    assert auth.authenticate(store, token, "fresh-last", now=T0 + auth.BASE_LOCKOUT).name == "alice"
 
 
 def test_lockout_backoff_is_capped_and_old_failures_are_forgotten(store):
@@ -408,3 +424,18 @@ def test_ab_items_hide_models_shuffle_sides_and_record_them_with_the_vote(store,
             data.write_rows(w.path / data.DATA_FILE, [{"prompt_id": "p0", "prompt": [{"role": "user", "content": "x"}],
                                                        "responses": [{"response_id": "x", "text": "y"}]}])
         load_ab_task_set(store, arts, other, w.result.ref)
+
+
+def test_peeking_holds_no_slot_and_starting_takes_one_unless_the_item_filled_meanwhile(store, arts):
+    name = load_task_set(store, arts, make_candidates(arts, n_items=1), overlap=1).task_set.name
+    alice, bob = users(store, "alice", "bob")
+    item, order = peek_item(store, alice, name, now=T0)
+    assert peek_item(store, bob, name, now=T0)[0].id == item.id  # looking took nothing
+    started = start_item(store, alice, item.id, now=T0)
+    assert started.status == "leased" and started.shown_order == order
+    assert peek_item(store, bob, name, now=T0) is None
+    with pytest.raises(RlhfError, match="other annotators took this item meanwhile"):
+        start_item(store, bob, item.id, now=T0)
+    assert peek_item(store, alice, name, now=T0)[0].id == item.id  # her own lease comes back
+    submit(store, alice, item.id, [sorted(item.response_ids)], now=T0)
+    assert peek_item(store, alice, name, now=T0) is None
