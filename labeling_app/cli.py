@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 
+from rlhf.report import pct
+
 ROLES = ("annotator", "admin")  # as labeling_app.store.ROLES, repeated to keep the import lazy
 
 
@@ -156,12 +158,8 @@ def _export(store, artifact_store, args: argparse.Namespace) -> int:
     print(f"wrote {preferences.ref}: {m['pairs']} pairs from {m['items']} items; {m['ties']} tied pairs, "
           f"{m['excluded_flagged']} flagged and {m['excluded_none_acceptable']} none-acceptable labels left out, "
           f"{m['skipped_min_annotators']} items below --min-annotators")
-    print(f"  agreement {_pct(m['pairwise_agreement'])}, Krippendorff's alpha {_num(m['krippendorff_alpha'])}")
+    print(f"  agreement {pct(m['pairwise_agreement'])}, Krippendorff's alpha {_num(m['krippendorff_alpha'])}")
     return 0
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.1%}"
 
 
 def _num(x: float | None) -> str:
@@ -180,7 +178,7 @@ def _status(store) -> int:
                 f"{p.complete_items}/{p.items} items complete")
         if p.kind == "rank":
             report = agreement_report(store, p.name)
-            line += f"  agreement {_pct(report.pairwise.rate)}  alpha {_num(report.krippendorff_alpha)}"
+            line += f"  agreement {pct(report.pairwise.rate)}  alpha {_num(report.krippendorff_alpha)}"
         print(line)
     people = annotator_progress(store)
     if people:

@@ -23,6 +23,7 @@ import pandas as pd
 
 from labeling_app.export import STAGE as EXPORT_STAGE
 from rlhf.artifacts import Artifact, ArtifactStore
+from rlhf.report import pct
 from rlhf.training import LOGS_DIR, PPO_EVALS, PPO_LOG, TRAIN_LOG
 
 # Shown first in an artifact's one-line summary, when present: the numbers an engineer
@@ -203,10 +204,6 @@ def plot_images(artifact: Artifact) -> list[Path]:
 
 
 # -- compare reports -------------------------------------------------------------------------------
-
-
-def pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.1%}"
 
 
 def pct_ci(rate: float | None, ci: list[float] | None) -> str:

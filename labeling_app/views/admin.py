@@ -13,6 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from labeling_app import ui
+from rlhf.report import pct
 from labeling_app.labels import agreement_report, annotator_progress, flagged_items, task_set_progress
 
 store, user = ui.store(), ui.current_user()
@@ -21,10 +22,6 @@ if not user.is_admin:
     st.stop()
 
 st.title("Admin")
-
-
-def pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.1%}"
 
 
 sets = task_set_progress(store)
