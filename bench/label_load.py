@@ -2,6 +2,7 @@
 
     python -m bench.label_load                              # 50 annotators, 60 s, on SQLite then PostgreSQL
     python -m bench.label_load --seconds 5 --annotators 8   # a quick look
+    python -m bench.label_load --think 10,30 --seconds 120  # a realistic pace: a submit every 10-30 s each
     python -m bench.label_load --backend postgres --pg-url postgresql+psycopg2://me@dbhost/labels
 
 Each backend gets a fresh database: a SQLite file in a temporary directory, or a fresh
@@ -9,7 +10,7 @@ schema in the PostgreSQL database at `--pg-url` (dropped afterwards). A ranking 
 `--items` prompts x 4 responses, overlap 3, is loaded from a candidates artifact in a
 temporary workspace, as `rlhf label load` does. Then every annotator, in its own thread,
 loops `next_item` -> rank -> `submit` through the same API as the ranking page, with no
-think time, until `--seconds` have passed. Its ranking is a Plackett-Luce sample
+think time (or `--think MIN,MAX` seconds after each submit), until `--seconds` have passed. Its ranking is a Plackett-Luce sample
 (`labeling_app.simulated.plackett_luce`) over scores drawn when the items were made.
 
 Concurrency model: threads in one process sharing one `LabelStore` (one engine and
@@ -98,8 +99,9 @@ def load_items(store, workdir: Path, n_items: int, seed: int) -> tuple[str, dict
 
 
 def run_annotators(store, task_set: str, users: list, seconds: float, scores: dict[str, dict[str, float]],
-                   seed: int) -> tuple[list[Annotator], float, float]:
-    """Each annotator in its own thread: next_item -> submit until `seconds` pass.
+                   seed: int, think: tuple[float, float] = (0.0, 0.0)) -> tuple[list[Annotator], float, float]:
+    """Each annotator in its own thread: next_item -> submit until `seconds` pass, pausing a random
+    `think` seconds (uniform in the range) after each submit, as a person reading the next item does.
 
     Returns the annotators, and the start (a perf_counter() reading) and wall time of the run.
     """
@@ -113,6 +115,8 @@ def run_annotators(store, task_set: str, users: list, seconds: float, scores: di
 
     def work(user, me: Annotator) -> None:
         start.wait()
+        if think[1] > 0:  # people do not all start at the same instant: a random offset within one pause
+            time.sleep(random.Random(f"label-load:{seed}:{user.name}").uniform(0, think[1]))
         while time.perf_counter() < deadline:
             t0 = time.perf_counter()
             try:
@@ -140,6 +144,8 @@ def run_annotators(store, task_set: str, users: list, seconds: float, scores: di
             me.submit_s.append(t2 - t1)
             me.finished_at.append(t2)
             me.submitted.append((item.id, ranking))
+            if think[1] > 0:
+                time.sleep(min(rng.uniform(*think), max(0.0, deadline - time.perf_counter())))
 
     threads = [threading.Thread(target=work, args=(u, a), daemon=True) for u, a in zip(users, annotators)]
     for t in threads:
@@ -184,7 +190,8 @@ def per_window(annotators: list[Annotator], began: float, wall_s: float, window_
     return [round(counts[i] / window_s, 1) for i in range(n)]
 
 
-def measure(url: str, workdir: Path, annotators: int, seconds: float, items: int, seed: int = 0) -> dict:
+def measure(url: str, workdir: Path, annotators: int, seconds: float, items: int, seed: int = 0,
+            think: tuple[float, float] = (0.0, 0.0)) -> dict:
     """One backend's run: fresh task set, `annotators` threads for `seconds`, then the audit."""
     from labeling_app.auth import add_user
     from labeling_app.store import LabelStore
@@ -196,11 +203,12 @@ def measure(url: str, workdir: Path, annotators: int, seconds: float, items: int
         load_s = time.perf_counter() - t0
         users = [add_user(store, f"sim-{i:03d}")[0] for i in range(annotators)]
         cpu0 = time.process_time()
-        sims, began, wall_s = run_annotators(store, task_set, users, seconds, scores, seed)
+        sims, began, wall_s = run_annotators(store, task_set, users, seconds, scores, seed, think)
         cpu_s = time.process_time() - cpu0
         submit_s = [s for a in sims for s in a.submit_s]
         errors = [e for a in sims for e in a.errors]
-        return {"dialect": store.dialect, "annotators": annotators, "seconds": seconds, "items": items,
+        return {"dialect": store.dialect, "annotators": annotators, "seconds": seconds, "think_s": list(think),
+                "items": items,
                 "overlap": OVERLAP, "load_s": round(load_s, 1), "wall_s": round(wall_s, 3), "submits": len(submit_s),
                 "submits_per_s": len(submit_s) / wall_s, "submit_ms": percentiles_ms(submit_s),
                 "next_item_ms": percentiles_ms([s for a in sims for s in a.next_item_s]),
@@ -262,9 +270,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="prompts in the task set (x3 overlap); enough that nobody runs out (default 20000)")
     p.add_argument("--pg-url", default=DEFAULT_PG_URL, help=f"PostgreSQL database to use (default {DEFAULT_PG_URL})")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--think", type=lambda v: tuple(float(x) for x in v.split(",")), default=(0.0, 0.0),
+                   metavar="MIN,MAX", help="seconds each annotator pauses after a submit, uniform in MIN..MAX "
+                                           "(default 0,0: flat out); a realistic pace is 10,30")
     args = p.parse_args(argv)
     if args.annotators < 1 or args.seconds <= 0 or args.items < 1:
         p.error("--annotators, --seconds and --items must be positive")
+    if len(args.think) != 2 or not 0 <= args.think[0] <= args.think[1]:
+        p.error("--think takes MIN,MAX seconds with 0 <= MIN <= MAX, e.g. --think 10,30")
 
     from sqlalchemy.engine import make_url
 
@@ -272,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     for backend in args.backend or BACKENDS:
         print(f"{backend}: {args.annotators} annotators for {args.seconds:g} s ...", flush=True)
         with sqlite_url() if backend == "sqlite" else pg_url(args.pg_url) as (url, workdir):
-            results[backend] = measure(url, workdir, args.annotators, args.seconds, args.items, args.seed)
+            results[backend] = measure(url, workdir, args.annotators, args.seconds, args.items, args.seed,
+                                       args.think)
         if results[backend]["ran_out"]:
             print(f"warning: {results[backend]['ran_out']} annotators ran out of items; raise --items", flush=True)
     RESULTS.mkdir(exist_ok=True)
