@@ -56,6 +56,16 @@ def model_input(art) -> dict:
     return next(i for i in art.manifest["inputs"] if i["role"] == "model")
 
 
+def run_from(ws, stage: str, kind: str, *args: str):
+    """`rlhf <stage> model=<the kind's checkpoint>` into `<stage>-<kind>`; its manifest says how it loaded."""
+    ref, loaded_as = KINDS[kind]
+    out = f"{stage}-{kind}"
+    assert rlhf(ws, stage, f"model={ref}", *args, f"output={out}") == 0
+    art = ArtifactStore(ws).resolve(f"{out}:latest")
+    assert model_input(art)["loaded_as"] == loaded_as
+    return art
+
+
 def test_sft_records_how_it_loaded_each_input(ws):
     store = ArtifactStore(ws)
     assert model_input(store.resolve("sft-sft:latest"))["loaded_as"] == KINDS["lora"][1]
@@ -64,14 +74,10 @@ def test_sft_records_how_it_loaded_each_input(ws):
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_reward_from_every_kind_of_checkpoint(ws, kind):
-    ref, loaded_as = KINDS[kind]
-    out = f"reward-{kind}"
-    assert rlhf(ws, "reward", f"model={ref}", *REWARD, f"output={out}") == 0
-    art = ArtifactStore(ws).resolve(f"{out}:latest")
-    assert model_input(art)["loaded_as"] == loaded_as
+    art = run_from(ws, "reward", kind, *REWARD)
     # Saved as one standalone classifier whatever the input, so scoring needs no adapter chain.
     assert not (art.path / "adapter_config.json").exists()
-    assert rlhf(ws, "score", f"reward={out}:latest", "data=preferences:latest", f"output=scored-{kind}") == 0
+    assert rlhf(ws, "score", f"reward={art.ref}", "data=preferences:latest", f"output=scored-{kind}") == 0
 
 
 def test_a_reward_model_starts_from_the_merged_weights_of_a_lora_sft(ws):
@@ -103,48 +109,37 @@ def test_scores_from_lora_and_merged_sft_reward_models_agree(ws):
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_dpo_from_every_kind_of_checkpoint_uses_it_as_the_reference(ws, kind):
-    ref, loaded_as = KINDS[kind]
-    out = f"dpo-{kind}"
-    assert rlhf(ws, "dpo", f"model={ref}", *DPO, f"output={out}") == 0
-    art = ArtifactStore(ws).resolve(f"{out}:latest")
+    art = run_from(ws, "dpo", kind, *DPO)
     m = art.manifest["metrics"]
-    assert model_input(art)["loaded_as"] == loaded_as
     # Before training the policy is the reference, so the implicit reward margin is 0; a
     # reference taken from anything else (the base under a LoRA SFT) would give a margin.
     assert abs(m["eval_reward_margin_initial"]) < 1e-3
     assert m["eval_kl_to_reference"] is not None
     # The DPO adapter stacks on its input: generating from it follows the whole chain.
-    assert rlhf(ws, "generate", f"model={out}:latest", *GREEDY, f"output=cand-dpo-{kind}") == 0
+    assert rlhf(ws, "generate", f"model={art.ref}", *GREEDY, f"output=cand-dpo-{kind}") == 0
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_ppo_from_every_kind_of_checkpoint_starts_at_its_reference(ws, kind):
-    ref, loaded_as = KINDS[kind]
-    out = f"ppo-{kind}"
-    assert rlhf(ws, "ppo", f"model={ref}", *PPO, f"output={out}") == 0
-    art = ArtifactStore(ws).resolve(f"{out}:latest")
-    assert model_input(art)["loaded_as"] == loaded_as
+    art = run_from(ws, "ppo", kind, *PPO)
     history = [json.loads(line) for line in (art.path / "logs" / "ppo_log.jsonl").read_text().splitlines()]
     # The first rollout is sampled before any update: policy = reference, so the KL is 0.
     assert abs(history[0]["kl"]) < 1e-4
-    assert rlhf(ws, "generate", f"model={out}:latest", *GREEDY, f"output=cand-ppo-{kind}") == 0
+    assert rlhf(ws, "generate", f"model={art.ref}", *GREEDY, f"output=cand-ppo-{kind}") == 0
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_generate_from_every_kind_of_checkpoint(ws, kind):
-    ref, loaded_as = KINDS[kind]
-    assert rlhf(ws, "generate", f"model={ref}", *GREEDY, f"output=cand-{kind}") == 0
-    art = ArtifactStore(ws).resolve(f"cand-{kind}:latest")
-    assert model_input(art)["loaded_as"] == loaded_as
+    run_from(ws, "generate", kind, *GREEDY)
 
 
 def test_lora_and_merged_sft_generate_and_compare_alike(ws):
     store = ArtifactStore(ws)
     for kind in ("lora", "merged"):
-        if not (ws / "datasets" / f"cand-{kind}").exists():
-            assert rlhf(ws, "generate", f"model={KINDS[kind][0]}", *GREEDY, f"output=cand-{kind}") == 0
-    text = {kind: [r["responses"][0]["text"] for r in
-                   map(json.loads, (store.resolve(f"cand-{kind}:latest").path / "data.jsonl").read_text().splitlines())]
+        if not (ws / "datasets" / f"generate-{kind}").exists():
+            run_from(ws, "generate", kind, *GREEDY)
+    text = {kind: [r["responses"][0]["text"] for r in map(
+                json.loads, (store.resolve(f"generate-{kind}:latest").path / "data.jsonl").read_text().splitlines())]
             for kind in ("lora", "merged")}
     assert text["lora"] == text["merged"] and len(text["lora"]) == 3
     # Greedy answers from the same weights: every battle is a tie under both judges.
