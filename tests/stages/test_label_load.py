@@ -14,7 +14,7 @@ from bench import label_load
 from conftest import pg_schema_url
 
 ANNOTATORS, SECONDS, ITEMS = 4, 2.0, 300
-KEYS = {"dialect", "annotators", "seconds", "items", "overlap", "load_s", "wall_s", "submits", "submits_per_s",
+KEYS = {"dialect", "annotators", "seconds", "think_s", "items", "overlap", "load_s", "wall_s", "submits", "submits_per_s",
         "submit_ms", "next_item_ms", "submits_per_s_by_window", "client_cpu_util", "submit_errors",
         "next_item_errors", "first_errors", "ran_out", "labels_in_db", "lost", "duplicated", "overfilled", "extra"}
 
@@ -51,3 +51,18 @@ def test_main_writes_results_and_prints_the_table(tmp_path, monkeypatch, capsys)
     saved = json.loads(out.read_text())
     assert set(saved["backends"]) == {"sqlite"} and saved["backends"]["sqlite"]["lost"] == 0
     assert "| sqlite | 2 |" in capsys.readouterr().out
+
+
+def test_think_time_paces_each_annotator(tmp_path):
+    """With a 0.5 s pause after each submit (and a start within one pause), an annotator submits
+    at most once per pause in the run: ~4 in 2 s, against hundreds flat out."""
+    r = label_load.measure(f"sqlite:///{tmp_path / 'labels.db'}", tmp_path, ANNOTATORS, SECONDS, ITEMS,
+                           think=(0.5, 0.5))
+    assert r["think_s"] == [0.5, 0.5] and r["lost"] == r["duplicated"] == 0
+    assert 0 < r["submits"] <= ANNOTATORS * (SECONDS / 0.5 + 1)
+
+
+def test_a_bad_think_range_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        label_load.main(["--think", "30,10"])
+    assert e.value.code == 2 and "--think takes MIN,MAX" in capsys.readouterr().err
