@@ -162,7 +162,7 @@ def dpo(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]:
     base = store.resolve("base:latest")
     n = matmul_params(models.load_causal_lm(store, base))
     if side == "suite":
-        from ppo.dpo import main
+        from dpo.train import main
         from rlhf.config import DPOConfig, load_config
 
         m = main(load_config(DPOConfig, None, [*_suite_overrides(budget, "prefs:latest", "bench-dpo"),
@@ -191,7 +191,8 @@ def _ppo_setup(store: ArtifactStore, budget: dict, with_sampler: bool):
     import torch
     from peft import get_peft_model
 
-    from ppo.rollout import encode_prompts, merged_sampler
+    from ppo.rollout import merged_sampler
+    from rlhf.sampling import encode_prompts
     from rlhf import models
     from rlhf.data import load_rows
 
@@ -212,7 +213,8 @@ def ppo_rollout(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]
     """Generation tokens/s: the suite's batched, merged sampler against per-prompt `generate`."""
     import torch
 
-    from ppo.rollout import sample, sync_sampler
+    from ppo.rollout import sync_sampler
+    from rlhf.sampling import sample
 
     tokenizer, policy, sampler, ids, mask, n = _ppo_setup(store, budget, with_sampler=side == "suite")
     torch.manual_seed(budget["seed"])
@@ -243,8 +245,8 @@ def ppo_update(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]:
     from torch import nn
 
     from ppo import core
-    from ppo.ppo import ActorCritic, _ppo_epochs
-    from ppo.rollout import forward_response, sample
+    from ppo.train import ActorCritic, _ppo_epochs
+    from rlhf.sampling import forward_response, sample
     from rlhf.config import PPOConfig, load_config
 
     tokenizer, policy, _, ids, mask, n = _ppo_setup(store, budget, with_sampler=False)

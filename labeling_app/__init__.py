@@ -1,1 +1,1 @@
-"""The Streamlit labeling app (not built yet: see the human-feedback issue)."""
+"""The Streamlit labeling app (`rlhf label`): annotators rank responses and vote A/B; admins load task sets and export."""

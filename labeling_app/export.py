@@ -76,15 +76,6 @@ SCHEMAS = {"rankings": validate_rankings, "ab_votes": validate_ab_votes}
 # -- rankings to pairs (pure) ---------------------------------------------------------------
 
 
-def ranking_to_pairs(ranking: Ranking) -> list[tuple[str, str]]:
-    """Every (better, worse) pair one ranking implies; tied responses make no pair.
-
-    `[["a"], ["b", "c"], ["d"]]` -> (a,b) (a,c) (a,d) (b,d) (c,d).
-    """
-    return [(hi, lo) for i, upper in enumerate(ranking) for lower in ranking[i + 1:]
-            for hi in upper for lo in lower]
-
-
 @dataclass(frozen=True)
 class PairVotes:
     """How the annotators of one item ordered one response pair; `chosen` has the majority."""

@@ -313,12 +313,6 @@ def skip(store: LabelStore, user: User, item_id: int) -> Assignment:
     return store.transaction(release)
 
 
-def label_of(store: LabelStore, user: User, item_id: int) -> Label | None:
-    """The user's own label for an item, e.g. to show a saved state after a page refresh."""
-    with store.session() as s:
-        return s.scalar(select(Label).where(Label.item_id == item_id, Label.user_id == user.id))
-
-
 def last_label(store: LabelStore, user: User) -> Label | None:
     """The user's most recent submission: the one `revise` may change."""
     with store.session() as s:

@@ -1,1 +1,1 @@
-"""`rlhf ppo` (the suite's own PPO: pure math in core.py, rollouts in rollout.py, the loop in ppo.py) and `rlhf dpo` (dpo.py, TRL's DPOTrainer)."""
+"""`rlhf ppo`, the suite's own PPO: the pure math in core.py, the sampler's state in rollout.py, the loop in train.py."""

@@ -16,12 +16,16 @@ Conventions, everywhere in this module:
 - Every reduction is over valid tokens of the whole batch ("token-level" means), as in the
   N+ details' `masked_mean`.
 
-No I/O, no config objects, nothing but torch.
+No I/O, no config objects, nothing but torch. `logprobs_from_logits` is defined once, in
+`rlhf/sampling.py` (itself torch only), because every sampler needs it; it is part of this
+module's API all the same.
 """
 
 from __future__ import annotations
 
 import torch
+
+from rlhf.sampling import logprobs_from_logits  # noqa: F401  (re-exported: core's API)
 
 
 def _valid(mask: torch.Tensor) -> torch.Tensor:
@@ -235,20 +239,6 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     var_residual = masked_var(returns - values, mask, unbiased=False)
     safe = var_returns.masked_fill(var_returns == 0, 1)
     return torch.where(var_returns > 0, 1 - var_residual / safe, torch.zeros_like(var_returns))
-
-
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[label] per position.
-
-    logits: (batch, T, vocab); labels: (batch, T) long, every entry a valid token id (pad
-    with any id and mask the result). Returns (batch, T).
-
-    Computed as logit[label] − logsumexp(logits), which equals gathering from log_softmax
-    without materialising a second (batch, T, vocab) tensor. Sampling temperature is the
-    caller's business: divide the logits by it first, as the N+ details stress.
-    """
-    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
 
 
 def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

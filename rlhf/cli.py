@@ -42,8 +42,8 @@ STAGES: dict[str, tuple[type, str]] = {
     "generate": (GenerateConfig, "rlhf.generate:main"),
     "reward": (RewardConfig, "reward.train:main"),
     "score": (ScoreConfig, "reward.score:main"),
-    "dpo": (DPOConfig, "ppo.dpo:main"),
-    "ppo": (PPOConfig, "ppo.ppo:main"),
+    "dpo": (DPOConfig, "dpo.train:main"),
+    "ppo": (PPOConfig, "ppo.train:main"),
     "compare": (CompareConfig, "rlhf.compare:main"),
 }
 

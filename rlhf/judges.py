@@ -26,25 +26,21 @@ def raw_rewards(model, tokenizer, conversations: Sequence[Messages], batch_size:
     import torch
 
     from rlhf.models import resolve_precision
+    from rlhf.sampling import device_of, pad
 
     bf16 = resolve_precision("auto") == "bf16"
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"][-max_length:] for t in texts]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out = [0.0] * len(ids)
-    pad = tokenizer.pad_token_id
+    device = device_of(model)
     model.eval()
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        width = max(len(ids[i]) for i in idx)
         # Right padding: the classifier reads the last non-pad token of each row.
-        input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
-            attention[row, :len(ids[i])] = 1
-        with torch.inference_mode(), torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits
+        input_ids, attention = pad([ids[i] for i in idx], tokenizer.pad_token_id, side="right")
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
         for row, i in enumerate(idx):
             out[i] = float(logits[row, 0])
     return out

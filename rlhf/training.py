@@ -373,6 +373,30 @@ def run_metrics(trainer, run: TrainRun, precision: str) -> dict[str, Any]:
 
 
 @dataclass
+class Fit:
+    """Held-out metrics before and after training, the run's totals, and why it stopped."""
+
+    initial: dict[str, float]
+    final: dict[str, float]
+    run: TrainRun
+    stop: dict[str, Any]
+
+
+def fit(trainer, scratch: Path, train: TrainConfig) -> Fit | None:
+    """Evaluate, train (resuming an identical killed run), evaluate again.
+
+    None on every process but the main one, which alone publishes under `accelerate launch`.
+    """
+    with fast_lm_head_on_cpu():
+        initial = trainer.evaluate()
+        run = train_resumable(trainer, scratch)
+        stop = stop_metrics(trainer, train)  # before the final evaluation, which is not a patience step
+        final = trainer.evaluate()
+    trainer.accelerator.wait_for_everyone()
+    return Fit(initial, final, run, stop) if trainer.accelerator.is_main_process else None
+
+
+@dataclass
 class Inputs:
     """A TRL stage's checked inputs: the precision to train in, the model, each dataset and its rows."""
 

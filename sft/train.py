@@ -75,17 +75,12 @@ def main(cfg: SFTConfig, store: ArtifactStore) -> Artifact | None:
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
                              processing_class=tokenizer, peft_config=peft_config,
                              callbacks=training.callbacks(cfg.train))
-    with training.fast_lm_head_on_cpu():
-        eval_loss_initial = trainer.evaluate()["eval_loss"]
-        run = training.train_resumable(trainer, scratch)
-        stop = training.stop_metrics(trainer, cfg.train)  # before the final evaluation, which is not a patience step
-        final_eval = trainer.evaluate()
+    done = training.fit(trainer, scratch, cfg.train)
 
     # 6. Publish the artifact (main process only under `accelerate launch`).
-    trainer.accelerator.wait_for_everyone()
-    if not trainer.accelerator.is_main_process:
+    if done is None:
         return None
-    metrics = training.run_metrics(trainer, run, inputs.precision)
+    metrics = training.run_metrics(trainer, done.run, inputs.precision)
     out_model = trainer.model
     if cfg.merge:
         out_model = out_model.merge_and_unload()
@@ -97,8 +92,8 @@ def main(cfg: SFTConfig, store: ArtifactStore) -> Artifact | None:
         for dataset in inputs.datasets:
             w.add_input("data", dataset)
         w.metrics.update({
-            "eval_loss_initial": eval_loss_initial,
-            "eval_loss": final_eval["eval_loss"],
+            "eval_loss_initial": done.initial["eval_loss"],
+            "eval_loss": done.final["eval_loss"],
             "train_rows": len(split["train"]),
             "eval_rows": len(split["test"]),
             **({"data_mix": data_mix} if len(data_mix) > 1 else {}),
@@ -106,7 +101,7 @@ def main(cfg: SFTConfig, store: ArtifactStore) -> Artifact | None:
             "merged": cfg.merge,
             **length_facts,
             "gradient_checkpointing": {"enabled": checkpointing, "reason": why},
-            **stop,
+            **done.stop,
             **metrics,
         })
     shutil.rmtree(scratch, ignore_errors=True)

@@ -107,6 +107,17 @@ def build_tiny_arch(out: Path, arch: str, tokenizer_dir: Path, seed: int = 0) ->
     return out
 
 
+def label_of(store, user, item_id: int):
+    """The user's own label for an item, read straight from the labeling store: what a test
+    checks a page's "Saved" against."""
+    from sqlalchemy import select
+
+    from labeling_app.store import Label
+
+    with store.session() as s:
+        return s.scalar(select(Label).where(Label.item_id == item_id, Label.user_id == user.id))
+
+
 def rlhf(ws: Path, *args: str) -> int:
     """Run the real CLI in-process against workspace `ws`."""
     return cli.main(["--workspace", str(ws), *args])

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_dashboard_workspace, unavailable
+from conftest import build_dashboard_workspace, label_of, unavailable
 from labeling_app import auth
 from labeling_app.assign import peek_item
-from labeling_app.labels import label_of, load_task_set
+from labeling_app.labels import load_task_set
 from labeling_app.store import LabelStore
 from rlhf import data
 from rlhf.artifacts import ArtifactStore

@@ -19,7 +19,8 @@ from streamlit.testing.v1 import AppTest
 
 from labeling_app import auth, labels, sessions, ui
 from labeling_app.assign import next_item, peek_item
-from labeling_app.labels import (agreement_report, label_of, label_records, load_ab_task_set, load_task_set,
+from conftest import label_of
+from labeling_app.labels import (agreement_report, label_records, load_ab_task_set, load_task_set,
                                  submit)
 from labeling_app.store import Assignment, Item, LabelStore, TaskSet
 from rlhf import data

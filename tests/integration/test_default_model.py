@@ -9,7 +9,7 @@ import pytest
 from conftest import DEMO_DATA, rlhf
 from rlhf import models
 from rlhf.artifacts import ArtifactStore
-from rlhf.generate import complete
+from rlhf.sampling import complete
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ import math
 
 
 from conftest import DEMO_DATA, rlhf
-from ppo.ppo import train
+from ppo.train import train
 from rlhf import models
 from rlhf.artifacts import ArtifactStore
 from rlhf.config import PPOConfig, load_config
@@ -21,7 +21,7 @@ def favourite_token(store: ArtifactStore, prompts: list) -> int:
     """
     import torch
 
-    from ppo.rollout import encode_prompts, sample
+    from rlhf.sampling import encode_prompts, sample
 
     base = store.resolve("base:latest")
     tok, model = models.load_tokenizer(base), models.load_causal_lm(store, base)
@@ -133,11 +133,11 @@ def test_the_merged_sampler_matches_the_policy_with_its_adapter(tiny_ws):
 def test_a_ppo_sweep_checks_every_trial_before_the_first_trains(pref_ws, capsys, monkeypatch):
     import pytest
 
-    from ppo import ppo
+    from ppo import train as ppo_train
 
     ws = pref_ws
     assert rlhf(ws, "data", "import", "prompts", str(DEMO_DATA / "support_prompts.jsonl")) == 0
-    monkeypatch.setattr(ppo, "train", lambda *a, **k: pytest.fail("a trial trained"))
+    monkeypatch.setattr(ppo_train, "train", lambda *a, **k: pytest.fail("a trial trained"))
     sweep = ["sweep", "ppo", "model=base:latest", "train.batch_size=4,6", "ppo.minibatch_size=4"]
     assert rlhf(ws, *sweep, "reward=base:latest") == 2
     assert "not a reward model" in capsys.readouterr().err

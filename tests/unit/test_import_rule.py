@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SPINE = "rlhf"
-STAGES = ("sft", "reward", "ppo", "labeling_app")
+STAGES = ("sft", "reward", "dpo", "ppo", "labeling_app")
 WIRING = {"rlhf/cli.py", "rlhf/demo.py"}
 
 
@@ -45,9 +45,10 @@ def test_the_rule_catches_what_it_forbids(tmp_path):
         "rlhf/judges.py": "from sft.train import main\n",          # the spine imports a stage
         "rlhf/cli.py": "import sft.train\n",                       # wiring: allowed
         "reward/train.py": "def f():\n    from ppo import core\n",  # a stage imports another, lazily
-        "ppo/dpo.py": "from ppo.rollout import sample\n",           # within its own stage: allowed
+        "ppo/train.py": "from ppo.rollout import sync_sampler\n",  # within its own stage: allowed
     }
     for rel, text in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(text)
     assert violations(tmp_path) == ["rlhf/judges.py imports sft", "reward/train.py imports ppo"]
+

@@ -11,7 +11,7 @@ import pytest
 from labeling_app import auth
 from labeling_app.assign import next_item
 from labeling_app.cli import add_label_parser, run_label
-from labeling_app.export import aggregate_pairs, export, export_ab, ranking_to_pairs
+from labeling_app.export import aggregate_pairs, export, export_ab
 from labeling_app.labels import load_ab_task_set, load_task_set, submit, submit_ab
 from labeling_app.store import LabelStore
 from rlhf import data
@@ -47,9 +47,11 @@ def make_candidates(arts: ArtifactStore, n_items: int = 3, n_responses: int = 3,
 # -- pure conversion ----------------------------------------------------------------------------
 
 
-def test_a_ranking_implies_every_pair_across_groups_and_none_within_a_tie():
-    assert ranking_to_pairs([["a"], ["b", "c"], ["d"]]) == [("a", "b"), ("a", "c"), ("a", "d"), ("b", "d"), ("c", "d")]
-    assert ranking_to_pairs([["a", "b"]]) == []
+def test_a_ranking_implies_every_pair_across_groups_and_a_tie_within_one():
+    votes = aggregate_pairs([[["a"], ["b", "c"], ["d"]]], ["a", "b", "c", "d"])
+    assert [(v.chosen, v.rejected) for v in votes if not v.is_tie] == [("a", "b"), ("a", "c"), ("a", "d"), ("b", "d"),
+                                                                       ("c", "d")]
+    assert [(v.chosen, v.rejected, v.votes_tied, v.margin) for v in votes if v.is_tie] == [("b", "c", 1, 0.0)]
 
 
 def test_votes_are_aggregated_per_pair_with_margin_from_agreement():

@@ -12,10 +12,10 @@ import sqlite3
 import pytest
 from sqlalchemy import text
 
-from conftest import pg_schema_url
+from conftest import label_of, pg_schema_url
 from labeling_app import auth
 from labeling_app.assign import next_item, peek_item, start_item
-from labeling_app.labels import (annotator_progress, flagged_items, label_of, last_label, load_ab_task_set,
+from labeling_app.labels import (annotator_progress, flagged_items, last_label, load_ab_task_set,
                                  load_task_set, progress, revise, skip, submit, submit_ab, task_set_progress)
 from labeling_app.store import Assignment, Label, LabelStore
 from rlhf import data

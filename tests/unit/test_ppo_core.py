@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import ppo.core
+import rlhf.sampling
 from ppo.core import (AdaptiveKLController, FixedKLController, entropy_from_logits, explained_variance, gae,
                       kl_penalized_rewards, logprobs_from_logits, masked_mean, masked_var, masked_whiten,
                       ppo_policy_loss, ppo_value_loss)
@@ -351,14 +352,22 @@ def test_fixed_kl_controller_never_changes():
 
 # --------------------------------------------------------------------------- purity
 
-def test_core_imports_nothing_but_torch_and_the_standard_library():
-    tree = ast.parse(Path(ppo.core.__file__).read_text())
+def imports_of(path: Path) -> set[str]:
+    """Dotted names of every module a file imports, at any depth."""
     imported = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            imported |= {alias.name.split(".")[0] for alias in node.names}
+            imported |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
             assert node.level == 0, "relative imports would pull in project code"
-            imported.add(node.module.split(".")[0])
-    assert "torch" in imported
-    assert imported <= {"torch"} | set(sys.stdlib_module_names), imported
+            imported.add(node.module)
+    return imported
+
+
+def test_core_imports_nothing_but_torch_the_standard_library_and_the_torch_only_sampler():
+    """core shares `logprobs_from_logits` with `rlhf.sampling`, which must itself stay torch-only."""
+    pure = {"torch"} | set(sys.stdlib_module_names)
+    core, sampling = imports_of(Path(ppo.core.__file__)), imports_of(Path(rlhf.sampling.__file__))
+    assert "torch" in core and "torch" in sampling
+    assert {m.split(".")[0] for m in core if m != "rlhf.sampling"} <= pure, core
+    assert {m.split(".")[0] for m in sampling} <= pure, sampling

@@ -15,12 +15,12 @@ import shutil
 
 import torch
 
-from ppo.rollout import encode_prompts, forward_response, sample
 from rlhf import data as rdata
 from rlhf import finetune, models, training
 from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.config import DPOConfig, dump
 from rlhf.errors import RlhfError
+from rlhf.sampling import encode_prompts, forward_response, sample
 
 
 def check(cfg: DPOConfig, store: ArtifactStore) -> training.Inputs:
@@ -69,20 +69,15 @@ def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
                              processing_class=tokenizer, peft_config=peft_config,
                              callbacks=training.callbacks(cfg.train))
-    with training.fast_lm_head_on_cpu():
-        initial = trainer.evaluate()
-        run = training.train_resumable(trainer, scratch)
-        stop = training.stop_metrics(trainer, cfg.train)  # before the final evaluation, which is not a patience step
-        final = trainer.evaluate()
-
-    trainer.accelerator.wait_for_everyone()
-    if not trainer.accelerator.is_main_process:
+    done = training.fit(trainer, scratch, cfg.train)
+    if done is None:  # only the main process publishes
         return None
+    initial, final = done.initial, done.final
 
     # 5. KL to the reference on held-out prompts, from responses the trained policy samples.
     prompts = [r["prompt"] for r in split["test"]][:cfg.kl_prompts]
     kl = held_out_kl(trainer.model, trainer.ref_model, tokenizer, prompts, cfg.max_new_tokens) if prompts else None
-    run_metrics = training.run_metrics(trainer, run, inputs.precision)
+    run_metrics = training.run_metrics(trainer, done.run, inputs.precision)
     with store.create("checkpoint", cfg.output, stage="dpo", config=config) as w:
         trainer.model.save_pretrained(w.path)
         tokenizer.save_pretrained(w.path)
@@ -104,7 +99,7 @@ def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
             **({"data_mix": data_mix} if len(data_mix) > 1 else {}),
             **mode_facts,
             "gradient_checkpointing": {"enabled": checkpointing, "reason": why},
-            **stop,
+            **done.stop,
             **run_metrics,
         })
     shutil.rmtree(scratch, ignore_errors=True)
@@ -126,7 +121,8 @@ def trl_loss_types() -> set[str]:
 def held_out_kl(model, ref_model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int = 8) -> float:
     """Mean over prompts of Σ_t [log π(y_t) − log π_ref(y_t)] for responses y ~ π (a KL estimate).
 
-    `ref_model` None means the reference is `model` with its adapter disabled.
+    `ref_model` None means the reference is `model` with its adapter disabled. The prompts are
+    encoded on the CPU; `sample` and `forward_response` move them to each model's device.
     """
     model.eval()
     per_seq = []

@@ -26,13 +26,13 @@ import torch
 from torch import nn
 
 from ppo import core
-from ppo.rollout import (Rollout, decode_responses, encode_prompts, forward_response, merged_sampler, sample,
-                         sync_sampler)
+from ppo.rollout import merged_sampler, sync_sampler
 from rlhf import data as rdata
 from rlhf import faults, models, training
 from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.config import PPOConfig, dump
 from rlhf.errors import RlhfError
+from rlhf.sampling import Rollout, decode_responses, encode_prompts, forward_response, sample
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,11 @@ class ActorCritic(nn.Module):
         self.policy, self.value_head, self.temperature = policy, value_head, temperature
 
     def forward(self, rollout: Rollout) -> dict[str, torch.Tensor]:
-        return forward_response(self.policy, rollout, self.temperature, value_head=self.value_head)
+        """Log-probs and logits of the response tokens, and the value of each, read from the
+        hidden state that predicts the token."""
+        out = forward_response(self.policy, rollout, self.temperature, with_hidden=True)
+        out["values"] = self.value_head(out.pop("hidden").to(self.value_head.weight.dtype)).squeeze(-1).float()
+        return out
 
 
 @dataclass
@@ -180,13 +184,13 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: RewardFn, reward_artif
         prompt_ids, prompt_mask, n_cut = encode_prompts(tokenizer, batch, hp.max_prompt_length)
         truncated += n_cut
         device = accelerator.device
-        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
 
         # 2. Generate with the KV cache, the whole batch at once.
         model.eval()
         t0 = time.perf_counter()
         with accelerator.autocast():
             rollout = sample(generator(), tokenizer, prompt_ids, prompt_mask, hp.max_new_tokens, hp.temperature)
+        rollout = rollout.to(device)  # a no-op unless the sampler sits on another device than the policy
         timings["generation_s"] += time.perf_counter() - t0
         timings["generation_tokens"] += int(rollout.response_mask.sum())
         mask = rollout.response_mask
@@ -198,11 +202,11 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: RewardFn, reward_artif
 
         # 4. Log-probs of the sampled tokens under the policy and the reference (adapter off), and values.
         with torch.no_grad(), accelerator.autocast():
-            out = forward_response(unwrapped.policy, rollout, hp.temperature, value_head=unwrapped.value_head,
-                                   with_entropy=True)
+            out = unwrapped(rollout)
             with unwrapped.policy.disable_adapter():
                 ref_logprobs = forward_response(unwrapped.policy, rollout, hp.temperature)["logprobs"]
         old_logprobs, old_values = out["logprobs"], out["values"] * mask
+        entropy = core.entropy_from_logits(out.pop("logits"), mask)
 
         # 5. Per-token KL penalty, score added at the last real token.
         rewards, kl = core.kl_penalized_rewards(score, old_logprobs, ref_logprobs, mask, kl_ctl.value)
@@ -225,7 +229,7 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: RewardFn, reward_artif
             "score": accelerator.gather_for_metrics(raw_score).mean().item(),
             "kl": kl_per_seq.item(),
             "kl_coef": kl_ctl.value,
-            "entropy": out["entropy"].item(),
+            "entropy": entropy.item(),
             "explained_variance": core.explained_variance(old_values, returns, mask).item(),
             "response_length": mask.sum(dim=1).mean().item(),
             "eos_rate": rollout.has_eos.float().mean().item(),
@@ -316,8 +320,7 @@ def _evaluate(unwrapped: ActorCritic, generator: nn.Module, tokenizer, prompts: 
         batch = prompts[i:i + cfg.train.batch_size]
         ids, mask, _ = encode_prompts(tokenizer, batch, hp.max_prompt_length)
         with accelerator.autocast():
-            rollout = sample(generator, tokenizer, ids.to(accelerator.device), mask.to(accelerator.device),
-                             hp.max_new_tokens, hp.temperature)
+            rollout = sample(generator, tokenizer, ids, mask, hp.max_new_tokens, hp.temperature)
             logprobs = forward_response(unwrapped.policy, rollout, hp.temperature)["logprobs"]
             with unwrapped.policy.disable_adapter():
                 ref = forward_response(unwrapped.policy, rollout, hp.temperature)["logprobs"]

@@ -1,0 +1,1 @@
+"""`rlhf dpo`: direct preference optimisation with TRL's DPOTrainer (train.py)."""

@@ -1,0 +1,180 @@
+"""The one way to sample: encode prompts, batched KV-cache sampling, response log-probs, decoding.
+
+`rlhf generate`, compare, PPO's rollouts and DPO's KL check all sample through here, and the
+reward judge pads through `pad`. Sequences are laid out as [left-padded prompt | right-padded
+response], so every row's response starts at column `P` (the prompt width) and one forward pass
+serves the batch. Position ids are derived from the attention mask so left padding does not
+shift positions: generation (which does the same internally) and the training forward then
+agree token for token.
+
+Every function that hands tensors to a model first moves them to that model's device, so no
+caller can forget to (a CPU prompt reaching a CUDA model is the classic crash).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled responses. Shapes: (B, P) prompt, (B, R) response."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor  # float, 1 on response tokens up to and including the first EOS
+    has_eos: torch.Tensor  # bool (B,)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask.long()], dim=1)
+
+    def to(self, device) -> Rollout:
+        return Rollout(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def device_of(model) -> torch.device:
+    """Where the model's weights are (a PEFT wrapper or a plain module alike)."""
+    return next(model.parameters()).device
+
+
+def pad(sequences: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token lists padded to the longest, on the `left` or the `right`."""
+    width = max(len(x) for x in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, x in enumerate(sequences):
+        cols = slice(width - len(x), width) if side == "left" else slice(0, len(x))
+        ids[i, cols] = torch.tensor(x, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
+def encode_prompts(tokenizer, prompts: list[Messages], max_prompt_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Left-padded prompt ids and mask, and how many prompts were cut to `max_prompt_length`.
+
+    Long prompts keep their end (the latest turns, where the question is).
+    """
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    truncated = sum(len(x) > max_prompt_length for x in ids)
+    input_ids, mask = pad([x[-max_prompt_length:] for x in ids], tokenizer.pad_token_id, side="left")
+    return input_ids, mask, truncated
+
+
+def response_mask(response_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, has_eos): mask is 1 up to and including each row's first EOS, 0 after it."""
+    is_eos = response_ids == eos_token_id
+    # Tokens strictly after the first EOS have a cumulative EOS count ≥ 1 before them.
+    after_eos = (torch.cumsum(is_eos, dim=1) - is_eos.long()) > 0
+    return (~after_eos).float(), is_eos.any(dim=1)
+
+
+def sampling_kwargs(temperature: float, top_p: float = 1.0) -> dict[str, Any]:
+    """`generate` settings: temperature 0 is greedy; otherwise pure nucleus sampling (top_k off,
+    so the checkpoint's generation_config cannot narrow the distribution behind the caller's back)."""
+    if temperature <= 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float,
+           top_p: float = 1.0, k: int = 1) -> Rollout:
+    """Sample `k` responses per prompt with the KV cache, the whole batch at once.
+
+    The rollout's rows are prompt-major (prompt 0's k samples first) and live on the model's
+    device. Greedy decoding is deterministic, so it decodes once and repeats each row k times.
+    """
+    device = device_of(model)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    greedy = temperature <= 0
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         num_return_sequences=1 if greedy else k, **sampling_kwargs(temperature, top_p))
+    if greedy:
+        out = out.repeat_interleave(k, dim=0)
+    if k > 1:
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(k, dim=0), prompt_mask.repeat_interleave(k, dim=0)
+    response_ids = out[:, prompt_ids.shape[1]:]
+    mask, has_eos = response_mask(response_ids, tokenizer.eos_token_id)
+    # Positions after EOS hold padding; keep them as pad ids so they are never read as text.
+    response_ids = response_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    return Rollout(prompt_ids, prompt_mask, response_ids, mask, has_eos)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[label] per position.
+
+    logits: (batch, T, vocab); labels: (batch, T) long, every entry a valid token id (pad
+    with any id and mask the result). Returns (batch, T).
+
+    Computed as logit[label] − logsumexp(logits), which equals gathering from log_softmax
+    without materialising a second (batch, T, vocab) tensor. Sampling temperature is the
+    caller's business: divide the logits by it first, as the N+ details stress.
+    """
+    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def forward_response(model, rollout: Rollout, temperature: float = 1.0,
+                     with_hidden: bool = False) -> dict[str, torch.Tensor]:
+    """One forward pass over the rollout: per-response-token `logprobs` (B, R) and their
+    `logits` (B, R, vocab); with `with_hidden`, the last layer's `hidden` states (B, R, H).
+
+    Logits are divided by the sampling temperature, so the log-probs are those of the
+    distribution the tokens were actually drawn from (N+ implementation details, §"temperature").
+    Row t of `logits` and `hidden` is read at position t − 1, the one that predicts token t.
+    """
+    rollout = rollout.to(device_of(model))
+    attn = rollout.attention_mask
+    R = rollout.response_ids.shape[1]
+    # Only the R + 1 last positions are projected to the vocabulary: the prompt's logits are unused.
+    out = model(input_ids=rollout.input_ids, attention_mask=attn, position_ids=position_ids(attn),
+                output_hidden_states=with_hidden, use_cache=False, logits_to_keep=R + 1)
+    logits = out.logits[:, :-1].float() / temperature
+    result = {"logits": logits, "logprobs": logprobs_from_logits(logits, rollout.response_ids)}
+    if with_hidden:
+        result["hidden"] = out.hidden_states[-1][:, -R - 1:-1]
+    return result
+
+
+def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
+    return [t.strip() for t in tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)]
+
+
+def sample_replies(model, tokenizer, prompts: list[Messages], max_new_tokens: int = 128, temperature: float = 0.0,
+                   batch_size: int = 8, seed: int = 0, k: int = 1, top_p: float = 1.0,
+                   max_prompt_length: int = 512) -> list[list[str]]:
+    """`k` replies (text) to each conversation in `prompts`, seeded; `temperature=0` is greedy."""
+    torch.manual_seed(seed)
+    model.eval()
+    replies: list[list[str]] = []
+    for i in range(0, len(prompts), batch_size):
+        ids, mask, _ = encode_prompts(tokenizer, prompts[i:i + batch_size], max_prompt_length)
+        with torch.inference_mode():
+            decoded = decode_responses(tokenizer, sample(model, tokenizer, ids, mask, max_new_tokens, temperature,
+                                                         top_p=top_p, k=k))
+        replies += [decoded[j:j + k] for j in range(0, len(decoded), k)]
+    return replies
+
+
+def complete(model, tokenizer, prompts: list[Messages], max_new_tokens: int = 128, temperature: float = 0.0,
+             batch_size: int = 8, seed: int = 0, **kwargs: Any) -> list[str]:
+    """One reply to each conversation in `prompts`; `temperature=0` is greedy."""
+    return [r[0] for r in sample_replies(model, tokenizer, prompts, max_new_tokens, temperature, batch_size, seed,
+                                         k=1, **kwargs)]

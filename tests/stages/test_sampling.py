@@ -1,0 +1,107 @@
+"""`rlhf/sampling.py`, the one sampler of generate, compare, PPO and DPO's KL check: its layout,
+its log-probs, and that it moves its inputs to the model's device itself."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import DEMO_DATA
+from rlhf import sampling
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), tokenizer
+
+
+def prompts(n: int) -> list:
+    lines = (DEMO_DATA / "support_prompts.jsonl").read_text().splitlines()[:n]
+    return [json.loads(line)["prompt"] for line in lines]
+
+
+def test_pad_puts_tokens_on_the_requested_side():
+    ids, mask = sampling.pad([[5, 6, 7], [8]], pad_id=0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = sampling.pad([[5, 6, 7], [8]], pad_id=0, side="right")
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_long_prompts_keep_their_end_and_are_counted(tiny):
+    _, tokenizer = tiny
+    full, _, cut = sampling.encode_prompts(tokenizer, prompts(3), max_prompt_length=10_000)
+    short, mask, cut_short = sampling.encode_prompts(tokenizer, prompts(3), max_prompt_length=8)
+    assert cut == 0 and cut_short == 3 and short.shape == (3, 8) and bool(mask.all())
+    assert short[:, -8:].tolist() == full[:, -8:].tolist()  # every prompt ends in the generation prompt
+
+
+def test_k_samples_per_prompt_come_prompt_major_and_greedy_repeats_one(tiny):
+    model, tokenizer = tiny
+    ids, mask, _ = sampling.encode_prompts(tokenizer, prompts(2), 256)
+    torch.manual_seed(0)
+    rollout = sampling.sample(model, tokenizer, ids, mask, max_new_tokens=6, temperature=1.0, k=3)
+    assert rollout.response_ids.shape[0] == 6 and torch.equal(rollout.prompt_ids, ids.repeat_interleave(3, dim=0))
+    greedy = sampling.sample(model, tokenizer, ids, mask, max_new_tokens=6, temperature=0.0, k=2)
+    assert torch.equal(greedy.response_ids[0], greedy.response_ids[1])
+    assert torch.equal(greedy.response_ids[2], greedy.response_ids[3])
+    # After the first EOS a row holds padding, masked out.
+    pad_id = tokenizer.pad_token_id
+    assert bool((rollout.response_ids[rollout.response_mask == 0] == pad_id).all())
+
+
+def test_response_logprobs_are_the_sampling_distribution(tiny):
+    """The log-probs of the one-pass response forward equal those `generate` sampled from,
+    step by step with the KV cache, left padding included."""
+    model, tokenizer = tiny
+    ids, mask, _ = sampling.encode_prompts(tokenizer, prompts(3), 256)
+    assert not bool(mask.all())  # prompts of different lengths: some rows are left-padded
+    torch.manual_seed(0)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, output_scores=True,
+                         return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **sampling.sampling_kwargs(0.7))
+    response = out.sequences[:, ids.shape[1]:]
+    # `scores` are the logits after temperature (top_k is off, top_p 1): the distribution sampled from.
+    expected = torch.stack([s.log_softmax(-1).gather(-1, response[:, [t]]).squeeze(-1)
+                            for t, s in enumerate(out.scores)], dim=1)
+    m, has_eos = sampling.response_mask(response, tokenizer.eos_token_id)
+    rollout = sampling.Rollout(ids, mask, response.masked_fill(m == 0, tokenizer.pad_token_id), m, has_eos)
+    got = sampling.forward_response(model, rollout, temperature=0.7)["logprobs"]
+    assert torch.allclose(got[m.bool()], expected[m.bool()], atol=1e-4)
+
+
+class OnMeta(torch.nn.Module):
+    """A model whose weights sit on another device (`meta`, so the test runs on any machine):
+    it refuses inputs that were left behind on the CPU."""
+
+    def __init__(self, vocab: int = 11):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(vocab, device="meta"))
+
+    def _check(self, *tensors):
+        assert all(t.device.type == "meta" for t in tensors), [t.device for t in tensors]
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **_):
+        self._check(input_ids, attention_mask)
+        return torch.cat([input_ids, torch.empty(len(input_ids), max_new_tokens, dtype=torch.long, device="meta")], 1)
+
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep, **_):
+        self._check(input_ids, attention_mask, position_ids)
+        logits = torch.empty(*input_ids.shape[:1], logits_to_keep, len(self.weight), device="meta")
+        return type("Out", (), {"logits": logits})()
+
+
+def test_sampling_moves_cpu_inputs_to_the_models_device(tiny):
+    _, tokenizer = tiny
+    ids, mask, _ = sampling.encode_prompts(tokenizer, prompts(2), 256)
+    assert ids.device.type == "cpu"
+    model = OnMeta()
+    rollout = sampling.sample(model, tokenizer, ids, mask, max_new_tokens=4, temperature=1.0, k=2)
+    assert rollout.response_ids.device.type == "meta"
+    cpu_rollout = sampling.Rollout(  # a rollout a caller built on the CPU ...
+        ids, mask, torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4), torch.zeros(2, dtype=torch.bool))
+    out = sampling.forward_response(model, cpu_rollout)  # ... is moved too
+    assert out["logprobs"].shape == (2, 4) and out["logprobs"].device.type == "meta"
