@@ -16,7 +16,7 @@ import shutil
 import torch
 
 from rlhf import data as rdata
-from rlhf import finetune, models, training
+from rlhf import finetune, models, progress, training
 from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.config import DPOConfig, dump
 from rlhf.errors import RlhfError
@@ -63,7 +63,7 @@ def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
     config = dump(cfg)
     scratch = store.scratch_dir("dpo", training.run_id(config, [init, *inputs.datasets]))
     args = trl.DPOConfig(**training.trainer_kwargs(cfg.train, scratch, inputs.precision, has_eval=True,
-                                                   gradient_checkpointing=checkpointing),
+                                                   gradient_checkpointing=checkpointing, report_to=cfg.report.to),
                          max_length=cfg.max_length, beta=cfg.beta, loss_type=loss_type,
                          precompute_ref_log_probs=cfg.precompute_ref_log_probs, **cfg.trl)
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
@@ -76,12 +76,16 @@ def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
 
     # 5. KL to the reference on held-out prompts, from responses the trained policy samples.
     prompts = [r["prompt"] for r in split["test"]][:cfg.kl_prompts]
-    kl = held_out_kl(trainer.model, trainer.ref_model, tokenizer, prompts, cfg.max_new_tokens) if prompts else None
+    kl = None
+    if prompts:
+        with progress.phase(f"dpo: KL to the reference on {len(prompts)} held-out prompts"):
+            kl = held_out_kl(trainer.model, trainer.ref_model, tokenizer, prompts, cfg.max_new_tokens)
     run_metrics = training.run_metrics(trainer, done.run, inputs.precision)
     with store.create("checkpoint", cfg.output, stage="dpo", config=config) as w:
         trainer.model.save_pretrained(w.path)
+        models.make_portable(w.path, init)
         tokenizer.save_pretrained(w.path)
-        training.save_logs(trainer.state.log_history, w.path / training.LOGS_DIR)
+        training.save_logs(trainer, scratch, w.path / training.LOGS_DIR)
         w.add_input("model", init, loaded_as=models.loaded_as(store, init))
         w.add_input("reference", init)
         for dataset in inputs.datasets:

@@ -28,7 +28,7 @@ from torch import nn
 from ppo import core
 from ppo.rollout import merged_sampler, sync_sampler
 from rlhf import data as rdata
-from rlhf import faults, models, training
+from rlhf import faults, models, progress, training
 from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.config import PPOConfig, dump
 from rlhf.errors import RlhfError
@@ -80,6 +80,7 @@ def check(cfg: PPOConfig, store: ArtifactStore, with_reward: bool = True) -> Inp
 
     precision = models.resolve_precision(cfg.train.precision)
     models.check_mode(cfg.mode)
+    training.check_trackers(cfg.report.to)
     store.check_writable()
     policy_init = models.check_policy(store.resolve(cfg.model, kind="checkpoint"))
     models.load_tokenizer(policy_init)  # has a chat template
@@ -126,7 +127,15 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: RewardFn, reward_artif
     precision, policy_init, prompts_art = inputs.precision, inputs.policy_init, inputs.prompts
     train_prompts, eval_prompts = inputs.train_prompts, inputs.eval_prompts
 
-    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
+    config = dump(cfg)
+    run_inputs = [policy_init, prompts_art] + ([reward_artifact] if reward_artifact else [])
+    scratch = store.scratch_dir("ppo", training.run_id(config, run_inputs))
+    # The same scalars as logs/ppo_log.jsonl, to the trackers of report.to, through accelerate.
+    tracking = training.tracking_dir(scratch, cfg.report.to) if cfg.report.to else None
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
+                              cpu=not torch.cuda.is_available(), log_with=cfg.report.to or None, project_dir=tracking)
+    if cfg.report.to:
+        accelerator.init_trackers("ppo", config=training.flat_config(config))
     torch.manual_seed(cfg.train.seed + accelerator.process_index)
     tokenizer = models.load_tokenizer(policy_init)
     base = models.load_causal_lm(store, policy_init, mode=cfg.mode)
@@ -156,9 +165,6 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: RewardFn, reward_artif
     global_batch = cfg.train.batch_size * world
     n_iters = cfg.train.max_steps if cfg.train.max_steps > 0 else \
         math.ceil(cfg.train.epochs * len(train_prompts) / global_batch)
-    config = dump(cfg)
-    inputs = [policy_init, prompts_art] + ([reward_artifact] if reward_artifact else [])
-    scratch = store.scratch_dir("ppo", training.run_id(config, inputs))
     history: list[dict] = []
     evals: list[dict] = []
     start_iter = _resume(scratch, unwrapped, optimizer, kl_ctl, history, evals)
@@ -176,7 +182,9 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: RewardFn, reward_artif
 
     evaluate = lambda it: _evaluate(unwrapped, generator(), tokenizer, eval_prompts, score_fn, cfg, it, accelerator)
     if not start_iter:
-        evals.append(evaluate(0))
+        with progress.phase(f"ppo: scoring the starting policy on {min(cfg.eval_prompts, len(eval_prompts))} "
+                            "held-out prompts"):
+            evals.append(evaluate(0))
     for it in range(start_iter, n_iters):
         # 1. Sample a batch of prompts (a seeded shuffle per epoch; each process takes its own slice).
         batch = _prompt_batch(train_prompts, it, global_batch, cfg.train.batch_size, accelerator.process_index,
@@ -240,20 +248,28 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: RewardFn, reward_artif
             evals.append(evaluate(it + 1))
             record["eval_score"] = evals[-1]["score"]
         history.append(record)
+        accelerator.log(record, step=it + 1)
         if accelerator.is_main_process:
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}), flush=True)
+            per_it = (time.perf_counter() - run_start) / (it + 1 - start_iter)
+            held_out = f"  held-out score {record['eval_score']:.3f}" if "eval_score" in record else ""
+            progress.say(f"ppo {it + 1}/{n_iters}: score {record['score']:.3f}  kl {record['kl']:.3f}  "
+                         f"entropy {record['entropy']:.2f}  length {record['response_length']:.0f}{held_out}  "
+                         f"({per_it:.1f}s/it, ~{per_it * (n_iters - it - 1) / 60:.0f} min left)")
         faults.point(f"step-{it + 1}")
         if (it + 1) % cfg.train.save_steps == 0 and it + 1 < n_iters:
             _save_state(scratch, it + 1, unwrapped, optimizer, kl_ctl, history, evals, accelerator)
 
+    accelerator.end_training()  # closes the trackers, so their files are complete
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None
     wall = time.perf_counter() - run_start
     with store.create("checkpoint", cfg.output, stage="ppo", config=config) as w:
         unwrapped.policy.save_pretrained(w.path)
+        models.make_portable(w.path, policy_init)
         tokenizer.save_pretrained(w.path)
         _save_curves(history, evals, w.path / training.LOGS_DIR)
+        training.publish_tracking(scratch, w.path / training.LOGS_DIR)
         w.add_input("model", policy_init, loaded_as=models.loaded_as(store, policy_init))
         w.add_input("reference", policy_init)
         w.add_input("data", prompts_art)

@@ -22,7 +22,7 @@ import torch
 
 from reward.loss import expected_calibration_error, preference_probability, reward_loss
 from rlhf import data as rdata
-from rlhf import finetune, models, training
+from rlhf import finetune, models, progress, training
 from rlhf.errors import RlhfError
 from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.config import RewardConfig, dump
@@ -101,7 +101,7 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
     config = dump(cfg)
     scratch = store.scratch_dir("reward", training.run_id(config, [init, *inputs.datasets]))
     args = trl.RewardConfig(**training.trainer_kwargs(cfg.train, scratch, inputs.precision, has_eval=True,
-                                                      gradient_checkpointing=checkpointing),
+                                                      gradient_checkpointing=checkpointing, report_to=cfg.report.to),
                             max_length=cfg.max_length, **cfg.trl)
     trainer = _trainer_class()(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
                                processing_class=tokenizer, peft_config=peft_config, center_coef=cfg.center_coef,
@@ -116,12 +116,14 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
     run_metrics = training.run_metrics(trainer, run, inputs.precision)  # before the merge folds the adapter away
     stop = training.stop_metrics(trainer, cfg.train)
     out_model = trainer.model.merge_and_unload() if peft_config else trainer.model
-    metrics, margins = evaluate(out_model, tokenizer, split, cfg)
+    with progress.phase(f"reward: scoring {len(split['test'])} held-out pairs and "
+                        f"{min(cfg.normalization_samples, 2 * len(split['train']))} training responses"):
+        metrics, margins = evaluate(out_model, tokenizer, split, cfg)
     with store.create("checkpoint", cfg.output, stage="reward", config=config) as w:
         # Saved merged, so scoring loads one standalone classifier (no adapter chain to follow).
         out_model.save_pretrained(w.path)
         tokenizer.save_pretrained(w.path)
-        training.save_logs(trainer.state.log_history, w.path / training.LOGS_DIR)
+        training.save_logs(trainer, scratch, w.path / training.LOGS_DIR)
         write_report(metrics, w.path / "report", margins)
         w.add_input("model", init, loaded_as=models.loaded_as(store, init))
         for dataset in inputs.datasets:

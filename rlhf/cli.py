@@ -15,6 +15,8 @@
                    --metric eval_loss --direction minimize|maximize]
     rlhf label users add NAME | load candidates:vK | load-ab A B | serve | export | status
     rlhf artifacts list | show REF | lineage REF | verify REF
+    rlhf config show STAGE [--config F] [key=value ...]   # the effective config, as YAML
+    rlhf export REF DIR [--dtype bf16|fp16|fp32]          # a standalone HF checkpoint with a model card
     rlhf demo [--quick]
 
 The workspace is `--workspace DIR`, else $RLHF_WORKSPACE, else ./workspace. A user error
@@ -32,8 +34,8 @@ import warnings
 from typing import Callable
 
 from rlhf.artifacts import KIND_DIRS, ArtifactStore, check_name
-from rlhf.config import (CompareConfig, DPOConfig, GenerateConfig, PPOConfig, RewardConfig, ScoreConfig, SFTConfig,
-                         load_config)
+from rlhf.config import (PROJECT_CONFIGS, CompareConfig, DPOConfig, GenerateConfig, PPOConfig, RewardConfig,
+                         ScoreConfig, SFTConfig, describe, dump, load_config)
 from rlhf.errors import RlhfError
 
 # stage name -> (config class, "module:function"); modules are imported only when run.
@@ -59,6 +61,30 @@ def wrote_line(art) -> str:
     return f"{WROTE} {art.ref} -> {art.path}"
 
 
+# The figures a person reads first, in this order; `X_initial` beside `X` shows as "before → after".
+SUMMARY = ("eval_loss", "eval_accuracy", "eval_reward_accuracy", "eval_score", "eval_kl_to_reference", "eval_kl",
+           "prompts", "responses", "rows", "wall_s", "peak_mem_mb")
+
+
+def summary(art) -> str:
+    """One readable line of a stage's result, printed last (after the trainer's own raw dict)."""
+    m = art.manifest["metrics"]
+    parts = []
+    for key in SUMMARY:
+        value = m.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if key == "wall_s":
+            parts.append(f"{value:.0f}s")
+        elif key == "peak_mem_mb":
+            parts.append(f"peak memory {value / 1024:.1f} GB")
+        elif isinstance(m.get(f"{key}_initial"), (int, float)):
+            parts.append(f"{key} {m[key + '_initial']:.4g} → {value:.4g}")
+        else:
+            parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    return f"{art.manifest['stage']}: " + ", ".join(parts) if parts else ""
+
+
 def written_ref(output: str) -> str | None:
     """The ref of the last artifact a command's output says it published, if any."""
     refs = [line.split()[1] for line in output.splitlines() if line.startswith(f"{WROTE} ")]
@@ -71,6 +97,24 @@ def _stage_runner(name: str, func: str | None = None) -> Callable | None:
 
     module, main = STAGES[name][1].split(":")
     return getattr(importlib.import_module(module), func or main, None)
+
+
+def config_help(stage: str) -> str:
+    """The `--help` epilog of a stage: every config key with its type, default and meaning."""
+    rows = describe(STAGES[stage][0])
+    key_w, type_w = max(len(r[0]) for r in rows), min(28, max(len(r[1]) for r in rows))
+    lines = [f"config keys (key=value, or in a --config YAML; the shipped one: {PROJECT_CONFIGS / stage}.yaml;",
+             f"`rlhf config show {stage}` prints the resolved config):"]
+    lines += [f"  {k:{key_w}}  {t:{type_w}}  {d:14} {why}".rstrip() for k, t, d, why in rows]
+    return "\n".join(lines)
+
+
+def stage_overrides(stage: str, overrides: list[str]) -> list[str]:
+    """compare takes the models to compare as bare words; every other stage only key=value."""
+    if stage != "compare":
+        return overrides
+    models = [o for o in overrides if "=" not in o]
+    return [o for o in overrides if "=" in o] + ([f"models={json.dumps(models)}"] if models else [])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,10 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--tokenizer", help="checkpoint ref or tokenizer directory the lengths are counted with "
                                            "(default base:latest)")
 
-    for stage, (cls, _) in STAGES.items():
-        sp = sub.add_parser(stage, parents=[common], help=f"run the {stage} stage")
-        sp.add_argument("--config", help=f"YAML config (see configs/{stage}.yaml)")
+    for stage in STAGES:
+        sp = sub.add_parser(stage, parents=[common], help=f"run the {stage} stage", epilog=config_help(stage),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.add_argument("--config", help=f"YAML config (the shipped one: {PROJECT_CONFIGS / stage}.yaml)")
         sp.add_argument("overrides", nargs="*", metavar="REF" if stage == "compare" else "key=value")
+
+    conf = sub.add_parser("config", parents=[common], help="show a stage's effective configuration")
+    conf_sub = conf.add_subparsers(dest="action", required=True)
+    show = conf_sub.add_parser("show", parents=[common], help="print the resolved config as YAML")
+    show.add_argument("stage", choices=list(STAGES))
+    show.add_argument("--config", help="YAML config, as the stage takes it")
+    show.add_argument("overrides", nargs="*", metavar="key=value")
 
     sweep = sub.add_parser("sweep", parents=[common], help="grid, random or TPE search over a training stage")
     sweep_sub = sweep.add_subparsers(dest="stage", required=True, metavar="STAGE")
@@ -136,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     for action in ("show", "lineage", "verify"):
         a = art_sub.add_parser(action, parents=[common])
         a.add_argument("ref")
+
+    exp = sub.add_parser("export", parents=[common], help="write a checkpoint as a standalone HF model directory")
+    exp.add_argument("ref", help="checkpoint ref, e.g. dpo:latest (adapters are merged into their base)")
+    exp.add_argument("dir", help="new (or empty) directory to write: weights, tokenizer, generation config, README.md")
+    exp.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+                     help="weight dtype (default bf16); always safetensors")
 
     from labeling_app.cli import add_label_parser
 
@@ -174,15 +232,23 @@ def run(args: argparse.Namespace) -> int:
         for step, n in m.get("cleaning", {}).items():
             print(f"  cleaning: {step.replace('_', ' ')}: {n}")
     elif args.command in STAGES:
-        overrides = args.overrides
-        if args.command == "compare":  # bare words are the models to compare
-            models = [o for o in overrides if "=" not in o]
-            overrides = [o for o in overrides if "=" in o] + ([f"models={json.dumps(models)}"] if models else [])
-        cfg = load_config(STAGES[args.command][0], args.config, overrides)
+        cfg = load_config(STAGES[args.command][0], args.config, stage_overrides(args.command, args.overrides))
         art = _stage_runner(args.command)(cfg, store)
         if art is not None:
-            print(wrote_line(art))
             print(json.dumps({k: v for k, v in art.manifest["metrics"].items() if isinstance(v, (int, float))}))
+            print(wrote_line(art))
+            if line := summary(art):
+                print(line)
+    elif args.command == "config":
+        import yaml
+
+        cfg = load_config(STAGES[args.stage][0], args.config, stage_overrides(args.stage, args.overrides))
+        print(yaml.safe_dump(dump(cfg), sort_keys=False, allow_unicode=True), end="")
+    elif args.command == "export":
+        from rlhf.export import export
+
+        out = export(store, args.ref, args.dir, dtype=args.dtype)
+        print(f"exported {store.resolve(args.ref, kind='checkpoint').ref} -> {out}")
     elif args.command == "sweep":
         return _sweep(store, args)
     elif args.command == "artifacts":

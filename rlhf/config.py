@@ -58,15 +58,15 @@ class TrainConfig(Section):
     """The optimisation budget every training stage shares."""
 
     max_steps: int = Field(-1, description="optimizer steps; -1 means run `epochs` full passes")
-    epochs: float = Field(1.0, gt=0)
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    learning_rate: float = Field(2e-4, gt=0)
-    seed: int = 42
+    epochs: float = Field(1.0, gt=0, description="full passes over the data when max_steps is -1")
+    batch_size: int = Field(8, ge=1, description="examples per optimizer step and process (before grad_accum)")
+    grad_accum: int = Field(1, ge=1, description="batches whose gradients add up to one optimizer step")
+    learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
+    seed: int = Field(42, description="seed of the split, the shuffle and the new weights")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of rows held out for eval")
     eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps; default: at the end only")
     save_steps: int = Field(50, ge=1, description="trainer checkpoint for resume every N steps")
-    logging_steps: int = Field(5, ge=1)
+    logging_steps: int = Field(5, ge=1, description="log the training metrics every N steps")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto = bf16 autocast where the hardware has it (CUDA bf16, CPU AMX/AVX512-BF16)")
 
@@ -101,10 +101,10 @@ class FineTuneTrainConfig(TrainConfig):
 
 
 class LoraConfig(Section):
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | str = "all-linear"
+    r: int = Field(16, ge=1, description="rank of the LoRA update B·A")
+    alpha: int = Field(32, ge=1, description="the update is scaled by alpha / r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: list[str] | str = Field("all-linear", description="module names to adapt, or all-linear")
 
 
 class FreezeConfig(Section):
@@ -126,13 +126,37 @@ class PeftMethodConfig(Section):
         return dict(self.model_extra or {})
 
 
-class StageConfig(Section):
-    """Sections every stage has: input model, input data, training budget, output name."""
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio", "none")
 
-    model: str
-    data: str
+
+class ReportConfig(Section):
+    """Where training curves go besides the artifact's JSONL logs."""
+
+    to: list[Literal[TRACKERS]] = Field(  # type: ignore[valid-type]
+        ["tensorboard"], description="experiment trackers: tensorboard (event files in the artifact's "
+                                     "logs/tensorboard), wandb, mlflow, trackio, or none; comma-separated")
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
+
+    @field_validator("to")
+    @classmethod
+    def _none_alone(cls, v: list[str]) -> list[str]:
+        if "none" in v and len(v) > 1:
+            raise ValueError(f"report.to={','.join(v)} names none beside a tracker; give none alone, or the trackers")
+        return [t for t in v if t != "none"]
+
+
+class StageConfig(Section):
+    """Sections every training stage has: input model, input data, training budget, output name, trackers."""
+
+    model: str = Field(description="checkpoint ref to start from")
+    data: str = Field(description="dataset ref")
     train: TrainConfig = TrainConfig()
-    output: ArtifactName
+    output: ArtifactName = Field(description="artifact name: checkpoints/<output>/vK")
+    report: ReportConfig = ReportConfig()
 
 
 ADAPTER_MODES = ("lora", "qlora", "peft")
@@ -141,14 +165,16 @@ ADAPTER_MODES = ("lora", "qlora", "peft")
 class FineTuneConfig(StageConfig):
     """What sft and reward share: which weights train, and the mix of datasets they learn from."""
 
-    data: str | list[str]
+    data: str | list[str] = Field(description="dataset ref, or a list of them: [a:latest, b:v2]")
     data_weights: list[float] | None = Field(
         None, description="relative sampling weight of each dataset in `data`; none: use every row of each once")
     data_stopping_strategy: Literal["all_exhausted", "first_exhausted", "all_exhausted_without_replacement"] = Field(
         "all_exhausted", description="with data_weights: when the mix ends (datasets.interleave_datasets); "
                                      "all_exhausted repeats the smaller sets so every row is seen")
     train: FineTuneTrainConfig = FineTuneTrainConfig()
-    mode: Literal["lora", "qlora", "full", "freeze", "peft"] = "lora"
+    mode: Literal["lora", "qlora", "full", "freeze", "peft"] = Field(
+        "lora", description="what trains: a LoRA adapter (qlora: on 4-bit weights, CUDA), all weights, the top "
+                            "blocks, or any peft method")
     lora: LoraConfig = LoraConfig()
     freeze: FreezeConfig = FreezeConfig()
     peft: PeftMethodConfig = PeftMethodConfig()
@@ -235,18 +261,18 @@ class PPOHyperparameters(Section):
 
     update_epochs: int = Field(2, ge=1, description="optimisation passes over each rollout batch "
                                                     "(train.epochs counts passes over the prompts)")
-    minibatch_size: int = Field(4, ge=1)
-    cliprange: float = Field(0.2, gt=0)
-    cliprange_value: float = Field(0.2, gt=0)
-    vf_coef: float = Field(0.1, ge=0)
-    gamma: float = Field(1.0, gt=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
+    minibatch_size: int = Field(4, ge=1, description="responses per gradient step; divides train.batch_size")
+    cliprange: float = Field(0.2, gt=0, description="ε of the clipped policy ratio")
+    cliprange_value: float = Field(0.2, gt=0, description="clip of the value update around the old value")
+    vf_coef: float = Field(0.1, ge=0, description="weight of the value loss")
+    gamma: float = Field(1.0, gt=0, le=1, description="GAE discount")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE λ")
     kl_coef: float = Field(0.05, ge=0, description="initial (adaptive) or fixed KL penalty coefficient")
-    adaptive_kl: bool = False
+    adaptive_kl: bool = Field(False, description="adapt kl_coef toward kl_target (Ziegler et al. 2019)")
     kl_target: float = Field(6.0, gt=0, description="adaptive only: target KL per response, in nats")
     kl_horizon: int = Field(10000, gt=0, description="adaptive only: controller horizon, in samples")
-    temperature: float = Field(0.7, gt=0)
-    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(0.7, gt=0, description="rollout sampling temperature (log-probs use it too)")
+    max_new_tokens: int = Field(48, ge=1, description="response length limit")
     max_prompt_length: int = Field(256, ge=8, description="longer prompts keep their last tokens and are counted")
     missing_eos_penalty: float = Field(1.0, ge=0, description="subtracted from the score of a response cut off without EOS")
     value_init: Literal["reward", "zero"] = Field(
@@ -258,43 +284,44 @@ class PPOHyperparameters(Section):
 
 class PPOConfig(StageConfig):
     model: str = "sft:latest"
-    reward: str = "reward:latest"
-    data: str = "prompts:latest"
+    reward: str = Field("reward:latest", description="reward checkpoint ref (rlhf reward)")
+    data: str = Field("prompts:latest", description="prompts dataset ref")
     eval_data: str | None = Field(None, description="held-out prompts ref; default: train.eval_fraction of `data`")
     output: ArtifactName = "ppo"
-    mode: Literal["lora", "qlora"] = "lora"
+    mode: Literal["lora", "qlora"] = Field("lora", description="the policy's adapter: lora, or qlora (4-bit, CUDA)")
     lora: LoraConfig = LoraConfig()
     ppo: PPOHyperparameters = PPOHyperparameters()
     train: TrainConfig = TrainConfig(max_steps=20, batch_size=8, learning_rate=5e-5, save_steps=5)
     eval_every: int = Field(5, ge=1, description="evaluate on held-out prompts every N iterations")
-    eval_prompts: int = Field(16, ge=1)
+    eval_prompts: int = Field(16, ge=1, description="held-out prompts per evaluation")
     samples_kept: int = Field(4, ge=0, description="sample responses kept per evaluation")
 
 
 class SamplingConfig(Section):
     temperature: float = Field(0.8, ge=0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(96, ge=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: the smallest token set with this mass")
+    max_new_tokens: int = Field(96, ge=1, description="response length limit")
 
 
 class GenerateConfig(Section):
-    model: str = "sft:latest"
-    data: str = "prompts:latest"
-    output: ArtifactName = "candidates"
+    model: str = Field("sft:latest", description="checkpoint ref to sample from")
+    data: str = Field("prompts:latest", description="prompts dataset ref")
+    output: ArtifactName = Field("candidates", description="dataset name: datasets/<output>/vK")
     k: int = Field(4, ge=1, description="responses sampled per prompt")
     sampling: SamplingConfig = SamplingConfig()
     batch_size: int = Field(8, ge=1, description="prompts per generate() call (each with k samples)")
-    max_prompt_length: int = Field(512, ge=8)
+    max_prompt_length: int = Field(512, ge=8, description="longer prompts keep their last tokens")
     limit: int | None = Field(None, ge=1, description="use only the first N prompts")
-    seed: int = 0
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    seed: int = Field(0, description="sampling seed")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 weights where the hardware "
+                                                                           "has bf16 matmuls")
 
 
 class ScoreConfig(Section):
-    reward: str = "reward:latest"
-    data: str = "candidates:latest"
+    reward: str = Field("reward:latest", description="reward checkpoint ref (rlhf reward)")
+    data: str = Field("candidates:latest", description="candidates dataset ref")
     output: ArtifactName | None = Field(None, description="dataset name for the scored copy; default: the input's name")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="conversations per forward pass")
 
 
 class CompareConfig(Section):
@@ -304,11 +331,12 @@ class CompareConfig(Section):
     limit: int | None = Field(None, ge=1, description="use only the first N prompts")
     sampling: SamplingConfig = SamplingConfig(temperature=0.7)
     batch_size: int = Field(32, ge=1, description="prompts per generate() call")
-    seed: int = 0
+    seed: int = Field(0, description="sampling and bootstrap seed")
     tie_margin: float = Field(0.0, ge=0, description="score differences up to this count as ties")
-    bootstrap_samples: int = Field(1000, ge=100)
-    output: ArtifactName = "compare"
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    bootstrap_samples: int = Field(1000, ge=100, description="resamples of the prompts for each CI")
+    output: ArtifactName = Field("compare", description="report name: reports/<output>/vK")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 weights where the hardware "
+                                                                           "has bf16 matmuls")
 
     @field_validator("judge", mode="before")
     @classmethod
@@ -371,6 +399,54 @@ def valid_keys(cls: type[BaseModel], prefix: str = "") -> list[str]:
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             keys += valid_keys(ann, prefix + name + ".")
     return keys
+
+
+def _type_name(annotation: Any) -> str:
+    """`int | None` -> `int|null`, `Literal['a', 'b']` -> `a|b`: the shape a user types."""
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return "|".join(str(a).lower() if isinstance(a, bool) else str(a) for a in args)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin in (typing.Union, __import__("types").UnionType):
+        return "|".join(_type_name(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{','.join(_type_name(a) for a in args)}]"
+    return {type(None): "null"}.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _description(cls: type[BaseModel], name: str) -> str:
+    """A field's description, or that of the field it overrides in a parent class."""
+    for klass in cls.__mro__:
+        f = getattr(klass, "model_fields", {}).get(name)
+        if f is not None and f.description:
+            return f.description
+    return ""
+
+
+def describe(cls: type[BaseModel]) -> list[tuple[str, str, str, str]]:
+    """(key, type, default, description) of every key `cls` accepts, nested sections flattened
+    with the defaults the stage gives them (PPO's `train.max_steps` is 20, not TrainConfig's -1)."""
+    rows: list[tuple[str, str, str, str]] = []
+
+    def walk(klass: type[BaseModel], defaults: dict[str, Any] | None, prefix: str) -> None:
+        for name, f in klass.model_fields.items():
+            default = (defaults or {}).get(name, f.get_default(call_default_factory=True))
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, default.model_dump(mode="json") if isinstance(default, BaseModel) else default,
+                     f"{prefix}{name}.")
+                if ann.model_config.get("extra") == "allow":
+                    rows.append((f"{prefix}{name}.<option>", "any", "", "passed to the library's own config class"))
+                continue
+            shown = "required" if f.is_required() else yaml.safe_dump(default, default_flow_style=True,
+                                                                       width=10_000).strip().removesuffix("...").strip()
+            rows.append((prefix + name, _type_name(ann), shown, _description(klass, name)))
+
+    walk(cls, None, "")
+    return rows
 
 
 def format_validation_error(e: ValidationError, cls: type[BaseModel]) -> str:

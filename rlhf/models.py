@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from rlhf import progress
 from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.errors import RlhfError
 
@@ -99,8 +100,9 @@ def import_base(store: ArtifactStore, path: str | Path | None = None, name: str 
                             "pass a UTF-8 Jinja template file") from None
     store.check_writable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype="auto", **kwargs)
+        with progress.phase(f"base import: loading {source}"):
+            tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(src, dtype="auto", **kwargs)
     except (OSError, ValueError) as e:
         raise RlhfError(f"{source}: cannot load as a causal language model ({' '.join(str(e).split())[:300]})") from None
     # The GGUF loader dequantises to plain tensors but leaves its quantizer and config behind,
@@ -149,6 +151,25 @@ def load_tokenizer(art: Artifact):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def make_portable(adapter_dir: Path, base: Artifact) -> None:
+    """Name the adapter's base by its path relative to the adapter, not the absolute path peft wrote.
+
+    A workspace moved or copied elsewhere then still holds a consistent adapter. The suite itself
+    never reads this field: it loads an adapter's base through the manifest (`base_of`), so the
+    chain of stacked adapters resolves wherever the workspace is. `adapter_dir` may be the
+    writer's temporary directory: it is a sibling of the final version, so the path is the same.
+    """
+    import json
+    import os
+
+    path = adapter_dir / "adapter_config.json"
+    if not path.is_file():  # merged or full weights: no base to name
+        return
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = os.path.relpath(base.path, adapter_dir)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def base_of(store: ArtifactStore, art: Artifact) -> Artifact:

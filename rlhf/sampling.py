@@ -161,10 +161,12 @@ def sample_replies(model, tokenizer, prompts: list[Messages], max_new_tokens: in
                    batch_size: int = 8, seed: int = 0, k: int = 1, top_p: float = 1.0,
                    max_prompt_length: int = 512) -> list[list[str]]:
     """`k` replies (text) to each conversation in `prompts`, seeded; `temperature=0` is greedy."""
+    from tqdm.auto import tqdm
+
     torch.manual_seed(seed)
     model.eval()
     replies: list[list[str]] = []
-    for i in range(0, len(prompts), batch_size):
+    for i in tqdm(range(0, len(prompts), batch_size), desc=f"sampling {k} per prompt", unit="batch"):
         ids, mask, _ = encode_prompts(tokenizer, prompts[i:i + batch_size], max_prompt_length)
         with torch.inference_mode():
             decoded = decode_responses(tokenizer, sample(model, tokenizer, ids, mask, max_new_tokens, temperature,

@@ -36,6 +36,91 @@ LOGS_DIR = "logs"
 TRAIN_LOG = "train_log.jsonl"  # TRL stages: the trainer's log history
 PPO_LOG = "ppo_log.jsonl"  # PPO: one row per iteration
 PPO_EVALS = "evals.jsonl"  # PPO: each held-out evaluation, with sample responses
+# Where the experiment trackers write during a run: inside the scratch directory, so a resumed
+# run appends to the same curves, then copied whole into the artifact's logs/ at publish.
+TRACKING = "tracking"
+
+# report.to -> the package that tracker needs (either one, for tensorboard).
+TRACKER_PACKAGES = {"tensorboard": ("tensorboardX", "tensorboard"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                    "trackio": ("trackio",)}
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """Each tracker in `report.to` is installed; checked before any model loads."""
+    import importlib.util
+
+    for tracker in report_to:
+        if not any(importlib.util.find_spec(p) for p in TRACKER_PACKAGES[tracker]):
+            raise RlhfError(f"config: report.to={tracker} needs the {TRACKER_PACKAGES[tracker][0]} package; "
+                            f"pip install {TRACKER_PACKAGES[tracker][0]}, or leave {tracker} out of report.to")
+
+
+def tracking_dir(scratch: Path, report_to: list[str]) -> Path:
+    """Point every tracker in `report_to` at the run's scratch directory, offline-friendly.
+
+    TensorBoard writes event files there; wandb keeps its run files (all of them in offline mode,
+    `WANDB_MODE=offline`) there; MLflow, unless told otherwise, logs to a file store there.
+    """
+    import os
+
+    out = scratch / TRACKING
+    out.mkdir(parents=True, exist_ok=True)
+    if "tensorboard" in report_to:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")  # read by transformers' callback
+    if "wandb" in report_to:
+        os.environ["WANDB_DIR"] = str(out)
+    if "mlflow" in report_to:
+        os.environ.setdefault("MLFLOW_TRACKING_URI", (out / "mlruns").resolve().as_uri())
+    return out
+
+
+def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A resolved config as trackers take hyperparameters: dotted keys, scalar values."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+    return out
+
+
+def distinct_event_files(trainer) -> None:
+    """Give each TensorBoard writer the trainer opens its own event file.
+
+    tensorboardX names a file by the second it opens, and the trainer closes its writer at the
+    end of training and opens another for the evaluation after it, often within that second:
+    the second file would overwrite the first. A per-writer suffix keeps both.
+    """
+    import itertools
+    import os
+
+    for callback in trainer.callback_handler.callbacks:
+        writer_class = getattr(callback, "_SummaryWriter", None)
+        if writer_class is None or getattr(writer_class, "distinct", False):
+            continue
+        counter = itertools.count()
+
+        def opened(*args, _cls=writer_class, _n=counter, **kwargs):
+            return _cls(*args, filename_suffix=f".{os.getpid()}.{next(_n)}", **kwargs)
+
+        opened.distinct = True
+        callback._SummaryWriter = opened
+
+
+def publish_tracking(scratch: Path, logs_dir: Path, trainer=None) -> None:
+    """Copy what the trackers wrote into the artifact's logs/, so the curves travel with it.
+
+    transformers' TensorBoard callback reopens a writer for the evaluation after training and
+    leaves it to flush on its own schedule; closing it first puts those last points on disk.
+    """
+    for callback in getattr(getattr(trainer, "callback_handler", None), "callbacks", []):
+        writer = getattr(callback, "tb_writer", None)
+        if writer is not None:
+            writer.close()
+            callback.tb_writer = None
+    if (scratch / TRACKING).is_dir() and any((scratch / TRACKING).iterdir()):
+        shutil.copytree(scratch / TRACKING, logs_dir, dirs_exist_ok=True)
 
 
 def last_complete_checkpoint(scratch: Path) -> Path | None:
@@ -77,8 +162,8 @@ def _run_totals_callback(trainer, prior: dict[str, float], start: float):
 
 
 def trainer_kwargs(train: TrainConfig, scratch: Path, precision: str, has_eval: bool,
-                   gradient_checkpointing: bool = False) -> dict[str, Any]:
-    """The `transformers.TrainingArguments` fields our `train:` section maps to."""
+                   gradient_checkpointing: bool = False, report_to: list[str] = ()) -> dict[str, Any]:
+    """The `transformers.TrainingArguments` fields our `train:` and `report:` sections map to."""
     import torch
 
     kwargs = {
@@ -103,9 +188,11 @@ def trainer_kwargs(train: TrainConfig, scratch: Path, precision: str, has_eval: 
         # Two, so that a kill during a save still leaves the previous complete checkpoint.
         "save_total_limit": 2,
         "logging_steps": train.logging_steps,
-        "report_to": [],
+        "report_to": list(report_to),  # pointed at the scratch directory below
         "disable_tqdm": False,
     }
+    if report_to:
+        tracking_dir(scratch, list(report_to))
     if isinstance(train, FineTuneTrainConfig) and train.early_stopping_patience is not None:
         kwargs.update({
             "load_best_model_at_end": True,
@@ -247,9 +334,11 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def save_logs(log_history: list[dict[str, Any]], out_dir: Path) -> None:
-    """The trainer's log history as JSONL plus a loss-curve PNG."""
+def save_logs(trainer, scratch: Path, out_dir: Path) -> None:
+    """The trainer's log history as JSONL, a loss-curve PNG, and the trackers' own files."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    publish_tracking(scratch, out_dir, trainer)
+    log_history = trainer.state.log_history
     with open(out_dir / TRAIN_LOG, "w") as f:
         for entry in log_history:
             f.write(json.dumps(entry) + "\n")
@@ -312,6 +401,7 @@ def _fault_points(trainer) -> None:
 
 def train_resumable(trainer, scratch: Path) -> TrainRun:
     """Train, continuing from the last complete checkpoint an identical killed run left in `scratch`."""
+    distinct_event_files(trainer)
     _fault_points(trainer)
     resume = last_complete_checkpoint(scratch) if scratch.exists() else None
     prior = {"loss_sum": 0.0, "train_tokens": 0, "wall_s": 0.0}
@@ -387,6 +477,7 @@ def fit(trainer, scratch: Path, train: TrainConfig) -> Fit | None:
 
     None on every process but the main one, which alone publishes under `accelerate launch`.
     """
+    distinct_event_files(trainer)
     with fast_lm_head_on_cpu():
         initial = trainer.evaluate()
         run = train_resumable(trainer, scratch)
@@ -406,6 +497,19 @@ class Inputs:
     rows: list[list[dict]]
 
 
+# TrainingArguments fields the suite sets from its own keys, so a `trl.` copy would collide.
+SUITE_KEYS = {
+    "report_to": "report.to", "max_steps": "train.max_steps", "num_train_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.batch_size", "per_device_eval_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum", "learning_rate": "train.learning_rate",
+    "seed": "train.seed", "data_seed": "train.seed", "bf16": "train.precision", "use_cpu": "train.precision",
+    "activation_checkpointing": "train.gradient_checkpointing",
+    "gradient_checkpointing": "train.gradient_checkpointing", "eval_steps": "train.eval_steps",
+    "save_steps": "train.save_steps", "logging_steps": "train.logging_steps", "output_dir": "output",
+    "max_length": "max_length",
+}
+
+
 def prepare_inputs(cfg, store: ArtifactStore, library_config: type, schema: str,
                    task_type: str | None = None) -> Inputs:
     """Everything a TRL stage can fail on before any work: pass-through keys, mode, precision,
@@ -418,6 +522,13 @@ def prepare_inputs(cfg, store: ArtifactStore, library_config: type, schema: str,
     from rlhf.config import check_passthrough
 
     check_passthrough("trl", cfg.trl, library_config)
+    owned = set(trainer_kwargs(cfg.train, Path("."), "fp32", has_eval=True)) | set(SUITE_KEYS)
+    for key in cfg.trl:
+        if key in owned:
+            instead = f"set {SUITE_KEYS[key]}=... instead" if key in SUITE_KEYS else "remove it"
+            raise RlhfError(f"config: trl.{key} is set by the suite itself from its own keys; {instead} "
+                            f"(`rlhf <stage> --help` lists them)")
+    check_trackers(cfg.report.to)
     models.check_mode(cfg.mode)
     precision = models.resolve_precision(cfg.train.precision)
     store.check_writable()

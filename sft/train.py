@@ -67,7 +67,7 @@ def main(cfg: SFTConfig, store: ArtifactStore) -> Artifact | None:
     scratch = store.scratch_dir("sft", training.run_id(config, [base, *inputs.datasets]))
     args = trl.SFTConfig(
         **training.trainer_kwargs(cfg.train, scratch, inputs.precision, has_eval=True,
-                                  gradient_checkpointing=checkpointing),
+                                  gradient_checkpointing=checkpointing, report_to=cfg.report.to),
         max_length=cfg.max_length,
         completion_only_loss=True,
         **cfg.trl,
@@ -86,8 +86,9 @@ def main(cfg: SFTConfig, store: ArtifactStore) -> Artifact | None:
         out_model = out_model.merge_and_unload()
     with store.create("checkpoint", cfg.output, stage="sft", config=config) as w:
         out_model.save_pretrained(w.path)
+        models.make_portable(w.path, base)
         tokenizer.save_pretrained(w.path)
-        training.save_logs(trainer.state.log_history, w.path / training.LOGS_DIR)
+        training.save_logs(trainer, scratch, w.path / training.LOGS_DIR)
         w.add_input("model", base, loaded_as=models.loaded_as(store, base))
         for dataset in inputs.datasets:
             w.add_input("data", dataset)

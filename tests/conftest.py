@@ -118,6 +118,28 @@ def label_of(store, user, item_id: int):
         return s.scalar(select(Label).where(Label.item_id == item_id, Label.user_id == user.id))
 
 
+def tensorboard_scalars(logdir: Path) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} of every scalar in the TensorBoard event files under `logdir`.
+
+    Event files are TFRecord streams: [u64 length][u32 crc][Event proto][u32 crc] per record.
+    """
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in sorted(logdir.rglob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
 def rlhf(ws: Path, *args: str) -> int:
     """Run the real CLI in-process against workspace `ws`."""
     return cli.main(["--workspace", str(ws), *args])

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 
-from conftest import DEMO_DATA, rlhf
+from conftest import DEMO_DATA, rlhf, tensorboard_scalars
 from ppo.train import train
 from rlhf import models
 from rlhf.artifacts import ArtifactStore
@@ -59,6 +60,10 @@ def test_ppo_raises_a_toy_reward_within_a_few_dozen_iterations(tiny_ws):
     assert len(history) == 30 and {"clipfrac", "approx_kl", "value_loss", "entropy", "explained_variance",
                                     "response_length"} <= set(history[0])
     assert (art.path / "logs" / "ppo_curves.png").is_file()
+    # The same curves reach TensorBoard (report.to's default) through accelerate, inside the artifact.
+    curves = tensorboard_scalars(art.path / "logs")
+    assert sorted(curves["score"]) == list(range(1, 31))
+    assert curves["kl"][30] == pytest.approx(history[-1]["kl"], rel=1e-5)
     assert {i["role"] for i in art.manifest["inputs"]} == {"model", "reference", "data"}
 
 
@@ -131,7 +136,6 @@ def test_the_merged_sampler_matches_the_policy_with_its_adapter(tiny_ws):
 
 
 def test_a_ppo_sweep_checks_every_trial_before_the_first_trains(pref_ws, capsys, monkeypatch):
-    import pytest
 
     from ppo import train as ppo_train
 

@@ -68,6 +68,10 @@ README: dict[str, dict[str, list]] = {
             "compare sft:latest dpo:latest ppo:latest data=heldout:latest judge=gold,reward:latest"],
         "rlhf artifacts list | show REF | lineage REF | verify REF": [
             "artifacts list", "artifacts show ppo:latest", "artifacts lineage ppo:latest", "artifacts verify ppo:latest"],
+        "rlhf config show STAGE [--config F] [key=value ...]": ["config show sft",
+                                                                 "config show dpo --config configs/dpo.yaml beta=0.2"],
+        "rlhf export REF DIR [--dtype bf16|fp16|fp32]": ["export ppo:latest served-synopsis",
+                                                         "export sft:latest served-sft --dtype fp32"],
         "rlhf demo [--quick]": [ELSEWHERE, "tests/integration/test_default_model.py runs rlhf demo --quick"],
         # A typical SFT run on your own data, in a workspace of its own as a new user starts
         # (here `sft` would also name the synopsis' dataset, and the ref would be ambiguous).
@@ -79,6 +83,10 @@ README: dict[str, dict[str, list]] = {
         "rlhf sft train.max_step=3": [("sft train.max_step=3", 2)],  # shown as the unknown-key error
         "rlhf sft trl.lr_scheduler_type=cosine trl.warmup_steps=0.05": [
             "sft trl.lr_scheduler_type=cosine trl.warmup_steps=0.05"],
+        "rlhf config show ppo --config configs/ppo.yaml ppo.kl_coef=0.1": [
+            "config show ppo --config configs/ppo.yaml ppo.kl_coef=0.1"],
+        "rlhf export ppo:latest served-ppo": ["export ppo:latest served-ppo"],
+        "rlhf export reward:latest served-rm --dtype fp32": ["export reward:latest served-rm --dtype fp32"],
         "accelerate launch --config_file configs/accelerate/ddp.yaml -m rlhf.cli sft": [
             ELSEWHERE, "tests/stages/test_sft.py::test_sft_runs_under_accelerate_launch_with_two_cpu_processes"],
         "accelerate launch --multi_gpu --num_processes 2 -m rlhf.cli sft train.max_steps=10": [

@@ -35,7 +35,9 @@ def test_lora_sft_lowers_eval_loss_and_writes_the_contracted_layout(tiny_ws):
     # The layout is a contract: an adapter, its tokenizer and chat template, logs, the manifest.
     files = {p.relative_to(tiny_ws / "checkpoints/sft/v0001").as_posix()
              for p in (tiny_ws / "checkpoints/sft/v0001").rglob("*") if p.is_file()}
-    assert files == {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json",
+    events = {f for f in files if f.startswith("logs/tensorboard/events.out.tfevents.")}
+    assert events, "the TensorBoard curves of report.to's default"
+    assert files - events == {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json",
                      "tokenizer_config.json", "chat_template.jinja", "logs/train_log.jsonl", "logs/loss.png",
                      "manifest.json"}
     losses = [json.loads(line)["loss"] for line in (tiny_ws / "checkpoints/sft/v0001/logs/train_log.jsonl")
