@@ -58,7 +58,8 @@ def _suite_overrides(budget: dict, data: str, output: str) -> list[str]:
     return ["model=base:latest", f"data={data}", f"output={output}", f"train.max_steps={budget['steps']}",
             f"train.batch_size={budget['batch_size']}", f"train.learning_rate={budget['learning_rate']}",
             f"max_length={budget['max_length']}", f"train.seed={budget['seed']}",
-            f"train.eval_fraction={budget['eval_fraction']}", "train.save_steps=100000"]
+            f"train.eval_fraction={budget['eval_fraction']}", "train.save_steps=100000",
+            "report.to=none"]  # the baseline has report_to=[] too
 
 
 def matmul_params(model) -> int:

@@ -12,15 +12,25 @@ from rlhf import data as rdata
 from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.config import ScoreConfig, dump
 from rlhf.errors import RlhfError
-from rlhf.judges import RewardModel
+from rlhf.judges import RewardModel, check_reward_checkpoint
 
 
-def main(cfg: ScoreConfig, store: ArtifactStore) -> Artifact:
+def check(cfg: ScoreConfig, store: ArtifactStore) -> tuple[Artifact, str]:
+    """Everything that can fail before the reward model loads; returns the dataset and its schema."""
     store.check_writable()
     dataset = store.resolve(cfg.data, kind="dataset")
     schema = dataset.manifest.get("config", {}).get("schema")
     if schema not in ("candidates", "preferences"):
         raise RlhfError(f"{dataset.ref} is a {schema!r} dataset; rlhf score takes candidates or preferences")
+    check_reward_checkpoint(store.resolve(cfg.reward, kind="checkpoint"))
+    return dataset, schema
+
+
+def main(cfg: ScoreConfig, store: ArtifactStore) -> Artifact:
+    # 1. Check everything that can fail before the reward model loads.
+    dataset, schema = check(cfg, store)
+
+    # 2. Score every response with the reward model's normalisation.
     judge = RewardModel(store, cfg.reward)
     rows = rdata.load_rows(dataset)
     if schema == "candidates":
@@ -35,6 +45,8 @@ def main(cfg: ScoreConfig, store: ArtifactStore) -> Artifact:
                 row[f"{side}_score"] = s
     all_scores = ([r["score"] for row in rows for r in row["responses"]] if schema == "candidates"
                   else [row[k] for row in rows for k in ("chosen_score", "rejected_score")])
+
+    # 3. Publish the scored copy.
     config = {**dump(cfg), "schema": schema}
     with store.create("dataset", cfg.output or dataset.name, stage="score", config=config) as w:
         rdata.write_rows(w.path / rdata.DATA_FILE, rows)

@@ -287,19 +287,40 @@ def cached_responses(store: ArtifactStore, model: Artifact, prompts: Artifact, c
     return art
 
 
-def main(cfg: CompareConfig, store: ArtifactStore) -> Artifact:
+@dataclass
+class Inputs:
+    """compare's checked inputs: the models and their report labels, the prompts, each judge's artifact."""
+
+    models: list[Artifact]
+    labels: list[str]
+    prompts: Artifact
+    rows: list[dict[str, Any]]
+    judges: dict[str, Artifact]
+
+
+def check(cfg: CompareConfig, store: ArtifactStore) -> Inputs:
+    """Everything that can fail before any answer is generated."""
     from rlhf import data
     from rlhf.models import check_policy
-    from rlhf.report import write_report
 
     store.check_writable()
     models = [check_policy(store.resolve(r, kind="checkpoint")) for r in cfg.models]
-    labels = model_labels(models)
     prompts_art = store.resolve(cfg.data, kind="dataset")
-    rows = data.load_rows(prompts_art, schema="prompts")[:cfg.limit]
-    judge_inputs = _check_judges(store, cfg.judge)
+    return Inputs(models, model_labels(models), prompts_art,
+                  data.load_rows(prompts_art, schema="prompts")[:cfg.limit], _check_judges(store, cfg.judge))
+
+
+def main(cfg: CompareConfig, store: ArtifactStore) -> Artifact:
+    from rlhf import data
+    from rlhf.report import write_report
+
+    # 1. Check everything that can fail before any answer is generated.
+    inputs = check(cfg, store)
+    models, labels, prompts_art, rows, judge_inputs = (inputs.models, inputs.labels, inputs.prompts, inputs.rows,
+                                                       inputs.judges)
     faults.point("load")
 
+    # 2. Each model's answers: reused from an identical earlier generate run, or generated.
     answers = {}
     for label, model in zip(labels, models):
         answers[label] = cached_responses(store, model, prompts_art, cfg)
@@ -309,6 +330,7 @@ def main(cfg: CompareConfig, store: ArtifactStore) -> Artifact:
         got = {r["prompt_id"]: r["responses"][0]["text"] for r in data.load_rows(art)}
         responses.texts[label] = [got.get(r["prompt_id"], "") for r in rows]
 
+    # 3. Judge every pair of models on every prompt, by each judge.
     # Votes name a model as its candidates recorded it: `name:vN` (generate) or the full ref.
     tags = {t: label for m, label in zip(models, labels) for t in (f"{m.name}:v{m.version}", m.ref)}
     results, battles_by_judge, scores_by_judge = {}, {}, {}
@@ -332,6 +354,7 @@ def main(cfg: CompareConfig, store: ArtifactStore) -> Artifact:
         for row in results[name]["leaderboard"]:
             row["mean_score"] = None if scores is None else results[name]["mean_score"][row["model"]]
             row["mean_length"] = float(np.mean(responses.words(row["model"])))
+    # 4. Publish the report.
     metrics = {"models": {m: a.ref for m, a in zip(labels, models)}, "prompts": prompts_art.ref,
                "n_prompts": len(rows), "mean_length": {m: float(np.mean(responses.words(m))) for m in labels},
                "judges": results, "judge_agreement": judge_agreement(battles_by_judge)}

@@ -13,16 +13,27 @@ from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.config import GenerateConfig, dump
 
 
+def check(cfg: GenerateConfig, store: ArtifactStore) -> tuple[Artifact, Artifact, list[dict]]:
+    """Everything that can fail before a model loads: the workspace, the policy, the prompt rows."""
+    from rlhf import data as rdata
+    from rlhf import models
+
+    store.check_writable()
+    policy = models.check_policy(store.resolve(cfg.model, kind="checkpoint"))
+    prompts_art = store.resolve(cfg.data, kind="dataset")
+    return policy, prompts_art, rdata.load_rows(prompts_art, schema="prompts")[:cfg.limit]
+
+
 def main(cfg: GenerateConfig, store: ArtifactStore) -> Artifact:
     """`rlhf generate`: k sampled responses per prompt -> a candidates dataset, duplicates removed."""
     from rlhf import data as rdata
     from rlhf import models
     from rlhf.sampling import sample_replies
 
-    store.check_writable()
-    policy = store.resolve(cfg.model, kind="checkpoint")
-    prompts_art = store.resolve(cfg.data, kind="dataset")
-    rows = rdata.load_rows(prompts_art, schema="prompts")[:cfg.limit]
+    # 1. Check everything that can fail before a model loads.
+    policy, prompts_art, rows = check(cfg, store)
+
+    # 2. The policy, adapters merged, in the compute dtype.
     tokenizer = models.load_tokenizer(policy)
     model = models.load_causal_lm(store, policy, sampling_only=True)
     if models.resolve_precision(cfg.precision) == "bf16":
@@ -32,11 +43,15 @@ def main(cfg: GenerateConfig, store: ArtifactStore) -> Artifact:
 
         model = model.to(torch.bfloat16)
     faults.point("load")
+
+    # 3. k samples per prompt, batched with the KV cache.
     start = time.perf_counter()
     samples = sample_replies(model, tokenizer, [r["prompt"] for r in rows], cfg.sampling.max_new_tokens,
                              cfg.sampling.temperature, cfg.batch_size, cfg.seed, k=cfg.k, top_p=cfg.sampling.top_p,
                              max_prompt_length=cfg.max_prompt_length)
     wall = time.perf_counter() - start
+
+    # 4. Drop empty and repeated responses (counted), and publish.
     tag = f"{policy.name}:v{policy.version}"
     out, duplicates, empty = [], 0, 0
     for row, texts in zip(rows, samples):

@@ -52,3 +52,19 @@ def test_the_rule_catches_what_it_forbids(tmp_path):
         (tmp_path / rel).write_text(text)
     assert violations(tmp_path) == ["rlhf/judges.py imports sft", "reward/train.py imports ppo"]
 
+
+
+def test_every_stage_has_one_shape_check_then_main():
+    """ARCHITECTURE.md's stage shape: `check(cfg, store)` does every refusal before any work, `main` runs."""
+    import importlib
+    import inspect
+
+    from rlhf.cli import STAGES
+
+    for stage, (_, target) in STAGES.items():
+        module_name, main = target.split(":")
+        module = importlib.import_module(module_name)
+        assert callable(getattr(module, main, None)), stage
+        check = getattr(module, "check", None)
+        assert callable(check) and list(inspect.signature(check).parameters)[:2] == ["cfg", "store"], stage
+        assert "check(cfg, store" in inspect.getsource(getattr(module, main)), f"{stage}'s main does not run check"
