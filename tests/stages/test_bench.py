@@ -36,6 +36,19 @@ def test_quick_bench_writes_every_stage_in_the_fixed_shape(tiny_model_dir, tmp_p
     assert all(f"| {stage} | **suite / baseline** |" in table for stage in STAGES)
 
 
+@pytest.mark.slow
+def test_the_profiler_times_each_stage_by_operator(tiny_model_dir, tmp_path):
+    from bench.profile import main as profile
+
+    shared_data("hh-rlhf-harmless/train.jsonl")
+    report = profile(["--quick", "--steps", "1", "--model", str(tiny_model_dir), "--out", str(tmp_path)]).read_text()
+    for stage in ("sft", "reward", "dpo", "ppo_update"):
+        [heading] = [line for line in report.splitlines() if line.startswith(f"### {stage} ")]
+        share = float(heading.split(", ")[-1].split("%")[0])
+        assert 0 < share < 100, heading  # some, not all, of a step is matmul
+    assert report.count("| `aten::mm` |") == 4
+
+
 def test_bench_refuses_an_unknown_stage_or_budget_key(capsys):
     with pytest.raises(SystemExit, match="unknown stage 'sfft'; choose from sft, reward"):
         main(["--stages", "sfft"])
