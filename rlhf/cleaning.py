@@ -15,14 +15,11 @@ are exact duplicates. The first of a set of duplicates is kept.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
-
-import numpy as np
 
 from rlhf.errors import RlhfError
 
@@ -198,36 +195,24 @@ def drop_near_duplicates(rows: list[dict[str, Any]], threshold: float, num_perm:
                          seed: int = 0) -> tuple[list[dict[str, Any]], int]:
     """Keep a row unless its 5-gram Jaccard similarity to an earlier kept row is >= `threshold`.
 
-    MinHash signatures (Broder 1997) bucketed by LSH bands (Leskovec et al., "Mining of Massive
-    Datasets", ch. 3) find candidate pairs without comparing every pair; each candidate is then
-    confirmed with the exact Jaccard similarity, so a drop never rests on an estimate. A pair at
-    similarity s becomes a candidate with probability 1-(1-s^r)^b for b bands of r rows: with
-    32 bands of 4 that is above 0.99 for s >= 0.62, with 64 of 2 for s >= 0.27 (at the cost of
-    more candidates to confirm), so the bands are chosen by the threshold.
-    (datasketch implements the same; it is not a dependency of this project.)
+    datasketch's MinHash signatures (Broder 1997) in its LSH index (Leskovec et al., "Mining of
+    Massive Datasets", ch. 3) find candidate pairs without comparing every pair; each candidate
+    is then confirmed with the exact Jaccard similarity, so a drop never rests on an estimate.
+    The index's bands are chosen to miss almost no true pair (false negatives weigh 0.99 against
+    0.01 for false positives), since a false candidate costs only one exact comparison.
     """
-    bands = 32 if threshold >= 0.65 else 64
+    from datasketch import MinHash, MinHashLSH
+
     texts = ["\n".join(f"{m['role']}: {m['content']}" for conv in conversations(r) for m in conv) for r in rows]
     sets = [shingles(t) for t in texts]
-    rng = np.random.default_rng(seed)
-    # Multiply-shift hashing (Dietzfelbinger et al. 1997): h(x) = (a*x + b) >> 32 over 64-bit words,
-    # a universal family; uint64 overflow is the intended modulo 2^64.
-    a = rng.integers(1, 2**63, num_perm, dtype=np.uint64) | np.uint64(1)
-    b = rng.integers(0, 2**63, num_perm, dtype=np.uint64)
-    rows_per_band = num_perm // bands
-    buckets: dict[tuple[int, bytes], list[int]] = {}
+    index = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.01, 0.99))
     keep, dropped = [], 0
     for i, grams in enumerate(sets):
-        x = np.array([int.from_bytes(hashlib.blake2b(g.encode(), digest_size=4).digest(), "little") for g in grams],
-                     dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            signature = ((np.outer(x, a) + b) >> np.uint64(32)).min(axis=0)
-        keys = [(band, signature[band * rows_per_band:(band + 1) * rows_per_band].tobytes()) for band in range(bands)]
-        candidates = {j for key in keys for j in buckets.get(key, [])}
-        if any(jaccard(grams, sets[j]) >= threshold for j in sorted(candidates)):
+        signature = MinHash(num_perm=num_perm, seed=seed)
+        signature.update_batch([g.encode() for g in grams])
+        if any(jaccard(grams, sets[j]) >= threshold for j in sorted(index.query(signature))):
             dropped += 1
             continue
         keep.append(i)
-        for key in keys:
-            buckets.setdefault(key, []).append(i)
+        index.insert(i, signature)
     return [rows[i] for i in keep], dropped
