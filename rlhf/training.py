@@ -63,11 +63,11 @@ def tracking_dir(scratch: Path, report_to: list[str]) -> Path:
     """
     import os
 
-    out = scratch / TRACKING
-    out.mkdir(parents=True, exist_ok=True)
+    out = scratch / TRACKING  # made by the first tracker that writes, so a refused run leaves none
     if "tensorboard" in report_to:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")  # read by transformers' callback
     if "wandb" in report_to:
+        out.mkdir(parents=True, exist_ok=True)  # wandb wants its directory to exist
         os.environ["WANDB_DIR"] = str(out)
     if "mlflow" in report_to:
         os.environ.setdefault("MLFLOW_TRACKING_URI", (out / "mlruns").resolve().as_uri())
