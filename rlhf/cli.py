@@ -247,8 +247,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "export":
         from rlhf.export import export
 
-        out = export(store, args.ref, args.dir, dtype=args.dtype)
-        print(f"exported {store.resolve(args.ref, kind='checkpoint').ref} -> {out}")
+        art, out = export(store, args.ref, args.dir, dtype=args.dtype)
+        print(f"exported {art.ref} -> {out}")
     elif args.command == "sweep":
         return _sweep(store, args)
     elif args.command == "artifacts":

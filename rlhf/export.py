@@ -55,8 +55,8 @@ def check(store: ArtifactStore, ref: str, out: Path, dtype: str) -> Artifact:
     return art
 
 
-def export(store: ArtifactStore, ref: str, out: str | Path, dtype: str = "bf16") -> Path:
-    """Write `ref` to `out` as a standalone checkpoint; returns the directory."""
+def export(store: ArtifactStore, ref: str, out: str | Path, dtype: str = "bf16") -> tuple[Artifact, Path]:
+    """Write `ref` to `out` as a standalone checkpoint; returns the checkpoint exported and the directory."""
     import torch
 
     from rlhf import models
@@ -88,7 +88,7 @@ def export(store: ArtifactStore, ref: str, out: str | Path, dtype: str = "bf16")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+    return art, out
 
 
 def normalization(art: Artifact) -> dict[str, float]:
