@@ -79,6 +79,7 @@ def check(cfg: PPOConfig, store: ArtifactStore, with_reward: bool = True) -> Inp
     from rlhf.judges import check_reward_checkpoint
 
     precision = models.resolve_precision(cfg.train.precision)
+    models.check_launch()
     models.check_mode(cfg.mode)
     training.check_trackers(cfg.report.to)
     store.check_writable()
@@ -132,7 +133,7 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: RewardFn, reward_artif
     scratch = store.scratch_dir("ppo", training.run_id(config, run_inputs))
     # The same scalars as logs/ppo_log.jsonl, to the trackers of report.to, through accelerate.
     tracking = training.tracking_dir(scratch, cfg.report.to) if cfg.report.to else None
-    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
+    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
                               cpu=not torch.cuda.is_available(), log_with=cfg.report.to or None, project_dir=tracking)
     if cfg.report.to:
         accelerator.init_trackers("ppo", config=training.flat_config(config))
@@ -145,7 +146,7 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: RewardFn, reward_artif
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     sampler = None
     if hp.merged_sampler and cfg.mode == "lora" and accelerator.distributed_type not in _SHARDED:
-        sampler = merged_sampler(base, torch.bfloat16 if precision == "bf16" else torch.float32).to(accelerator.device)
+        sampler = merged_sampler(base, models.torch_dtype(precision)).to(accelerator.device)
     policy = get_peft_model(base, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
                                              target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
     value_head = nn.Linear(base.config.hidden_size, 1)
@@ -167,7 +168,7 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: RewardFn, reward_artif
         math.ceil(cfg.train.epochs * len(train_prompts) / global_batch)
     history: list[dict] = []
     evals: list[dict] = []
-    start_iter = _resume(scratch, unwrapped, optimizer, kl_ctl, history, evals)
+    start_iter = _resume(scratch, unwrapped, optimizer, kl_ctl, history, evals, accelerator)
     faults.point("load")
     truncated = 0
     timings = {"generation_s": 0.0, "generation_tokens": 0, "update_s": 0.0, "update_tokens": 0}
@@ -197,7 +198,8 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: RewardFn, reward_artif
         model.eval()
         t0 = time.perf_counter()
         with accelerator.autocast():
-            rollout = sample(generator(), tokenizer, prompt_ids, prompt_mask, hp.max_new_tokens, hp.temperature)
+            rollout = sample(generator(), tokenizer, prompt_ids, prompt_mask, hp.max_new_tokens, hp.temperature,
+                             cache=hp.rollout_cache)
         rollout = rollout.to(device)  # a no-op unless the sampler sits on another device than the policy
         timings["generation_s"] += time.perf_counter() - t0
         timings["generation_tokens"] += int(rollout.response_mask.sum())
@@ -230,19 +232,19 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: RewardFn, reward_artif
         timings["update_s"] += time.perf_counter() - t0
         timings["update_tokens"] += hp.update_epochs * int(rollout.attention_mask.sum())
 
-        # 8. Log, adapt the KL coefficient, evaluate, checkpoint for resume.
-        kl_per_seq = accelerator.gather_for_metrics((kl.sum(dim=1))).mean()
-        record = {
-            "iteration": it + 1,
-            "score": accelerator.gather_for_metrics(raw_score).mean().item(),
-            "kl": kl_per_seq.item(),
-            "kl_coef": kl_ctl.value,
-            "entropy": entropy.item(),
-            "explained_variance": core.explained_variance(old_values, returns, mask).item(),
-            "response_length": mask.sum(dim=1).mean().item(),
-            "eos_rate": rollout.has_eos.float().mean().item(),
-            **stats,
+        # 8. Log the global batch's means, adapt the KL coefficient to them, evaluate, checkpoint for resume.
+        local = {
+            "score": raw_score.mean(),
+            "kl": kl.sum(dim=1).mean(),
+            "entropy": entropy,
+            "explained_variance": core.explained_variance(old_values, returns, mask),
+            "response_length": mask.sum(dim=1).float().mean(),
+            "eos_rate": rollout.has_eos.float().mean(),
+            **{k: torch.tensor(v) for k, v in stats.items()},
         }
+        # Every process holds batch_size rollouts, so the mean of the per-process means is the global mean.
+        means = accelerator.reduce(torch.stack([v.detach().float().to(device) for v in local.values()]), "mean")
+        record = {"iteration": it + 1, "kl_coef": kl_ctl.value, **dict(zip(local, means.tolist()))}
         kl_ctl.update(record["kl"], global_batch)
         if (it + 1) % cfg.eval_every == 0 or it + 1 == n_iters:
             evals.append(evaluate(it + 1))
@@ -259,8 +261,9 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: RewardFn, reward_artif
         if (it + 1) % cfg.train.save_steps == 0 and it + 1 < n_iters:
             _save_state(scratch, it + 1, unwrapped, optimizer, kl_ctl, history, evals, accelerator)
 
-    accelerator.end_training()  # closes the trackers, so their files are complete
     accelerator.wait_for_everyone()
+    # Closes the trackers, so their files are complete; it also ends the process group, so it comes last.
+    accelerator.end_training()
     if not accelerator.is_main_process:
         return None
     wall = time.perf_counter() - run_start
@@ -288,6 +291,7 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: RewardFn, reward_artif
             "peak_mem_mb": training.peak_memory_mb(),
             "precision": precision,
             "processes": world,
+            "distributed": accelerator.distributed_type.value,
             "resumed_from_iteration": start_iter or None,
         })
     shutil.rmtree(scratch, ignore_errors=True)
@@ -326,26 +330,35 @@ def _ppo_epochs(model, optimizer, accelerator, rollout: Rollout, old_logprobs, o
 @torch.no_grad()
 def _evaluate(unwrapped: ActorCritic, generator: nn.Module, tokenizer, prompts: list, score_fn: RewardFn,
               cfg: PPOConfig, iteration: int, accelerator) -> dict:
-    """Mean score and KL to the reference on held-out prompts, with a fixed sampling seed."""
+    """Mean score and KL to the reference on held-out prompts, with a fixed sampling seed.
+
+    Each process evaluates its own share of the prompts, and the shares are gathered, so
+    every process returns the same means over all of them.
+    """
+    from accelerate.utils import gather_object
+
     hp = cfg.ppo
     rng = torch.get_rng_state()
-    torch.manual_seed(cfg.train.seed)
-    prompts = prompts[:cfg.eval_prompts]
+    torch.manual_seed(cfg.train.seed + accelerator.process_index)
     scores, kls, samples = [], [], []
-    for i in range(0, len(prompts), cfg.train.batch_size):
-        batch = prompts[i:i + cfg.train.batch_size]
-        ids, mask, _ = encode_prompts(tokenizer, batch, hp.max_prompt_length)
-        with accelerator.autocast():
-            rollout = sample(generator, tokenizer, ids, mask, hp.max_new_tokens, hp.temperature)
-            logprobs = forward_response(unwrapped.policy, rollout, hp.temperature)["logprobs"]
-            with unwrapped.policy.disable_adapter():
-                ref = forward_response(unwrapped.policy, rollout, hp.temperature)["logprobs"]
-        texts = decode_responses(tokenizer, rollout)
-        s = score_fn(batch, texts, rollout).float()
-        scores += s.tolist()
-        kls += ((logprobs - ref) * rollout.response_mask).sum(dim=1).tolist()
-        samples += [{"prompt": p[-1]["content"], "response": t, "score": float(v)} for p, t, v in zip(batch, texts, s)]
+    with accelerator.split_between_processes(prompts[:cfg.eval_prompts]) as share:
+        for i in range(0, len(share), cfg.train.batch_size):
+            batch = share[i:i + cfg.train.batch_size]
+            ids, mask, _ = encode_prompts(tokenizer, batch, hp.max_prompt_length)
+            with accelerator.autocast():
+                rollout = sample(generator, tokenizer, ids, mask, hp.max_new_tokens, hp.temperature,
+                                 cache=hp.rollout_cache)
+                logprobs = forward_response(unwrapped.policy, rollout, hp.temperature)["logprobs"]
+                with unwrapped.policy.disable_adapter():
+                    ref = forward_response(unwrapped.policy, rollout, hp.temperature)["logprobs"]
+            texts = decode_responses(tokenizer, rollout)
+            s = score_fn(batch, texts, rollout).float()
+            scores += s.tolist()
+            kls += ((logprobs - ref) * rollout.response_mask).sum(dim=1).tolist()
+            samples += [{"prompt": p[-1]["content"], "response": t, "score": float(v)}
+                        for p, t, v in zip(batch, texts, s)]
     torch.set_rng_state(rng)
+    scores, kls, samples = gather_object(scores), gather_object(kls), gather_object(samples)
     return {"iteration": iteration, "score": sum(scores) / len(scores), "kl": sum(kls) / len(kls),
             "samples": samples[:cfg.samples_kept]}
 
@@ -383,19 +396,26 @@ def _trainable_state(unwrapped: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _save_state(scratch, iteration, unwrapped, optimizer, kl_ctl, history, evals, accelerator) -> None:
-    """Trainable weights, optimizer, RNG and logs, written to a temp file and renamed into place."""
+    """Trainable weights, optimizer, every process's RNG and logs, written to a temp file and renamed into place.
+
+    Called on every process: each contributes its own RNG state, so that after a resume the
+    processes sample their own streams again rather than all continuing the main one's.
+    """
+    from accelerate.utils import gather_object
+
+    rngs = gather_object([torch.get_rng_state()])
     if not accelerator.is_main_process:
         return
     scratch.mkdir(parents=True, exist_ok=True)
     tmp = scratch / f".state-{iteration}.tmp"
     torch.save({"iteration": iteration, "trainable": _trainable_state(unwrapped),
                 "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value, "history": history,
-                "evals": evals, "rng": torch.get_rng_state()}, tmp)
+                "evals": evals, "rng": rngs}, tmp)
     faults.point(f"checkpoint-{iteration}")
     os.replace(tmp, scratch / "state.pt")
 
 
-def _resume(scratch, unwrapped, optimizer, kl_ctl, history, evals) -> int:
+def _resume(scratch, unwrapped, optimizer, kl_ctl, history, evals, accelerator) -> int:
     path = scratch / "state.pt"
     if not path.is_file():
         return 0
@@ -408,7 +428,11 @@ def _resume(scratch, unwrapped, optimizer, kl_ctl, history, evals) -> int:
     kl_ctl.value = state["kl_coef"]
     history.extend(state["history"])
     evals.extend(state["evals"])
-    torch.set_rng_state(state["rng"])
+    rngs = state["rng"]
+    if len(rngs) == accelerator.num_processes:
+        torch.set_rng_state(rngs[accelerator.process_index])
+    else:  # resumed on another number of processes: fresh, distinct streams
+        torch.manual_seed(state["iteration"] * 1009 + accelerator.process_index)
     log.warning("resuming from iteration %d (%s)", state["iteration"], path)
     return state["iteration"]
 

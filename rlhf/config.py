@@ -67,8 +67,9 @@ class TrainConfig(Section):
     eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps; default: at the end only")
     save_steps: int = Field(50, ge=1, description="trainer checkpoint for resume every N steps")
     logging_steps: int = Field(5, ge=1, description="log the training metrics every N steps")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto = bf16 autocast where the hardware has it (CUDA bf16, CPU AMX/AVX512-BF16)")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto = bf16 autocast where the hardware has it (CUDA bf16, CPU AMX/AVX512-BF16), "
+                            "fp16 on a CUDA GPU without bf16, else fp32")
 
     @field_validator("max_steps")
     @classmethod
@@ -280,6 +281,9 @@ class PPOHyperparameters(Section):
     merged_sampler: bool = Field(
         True, description="sample from a copy with the adapter merged, in the compute dtype (about 2x the tokens/s); "
                           "false samples through the adapter (always so for qlora and sharded training)")
+    rollout_cache: Literal["dynamic", "static"] = Field(
+        "dynamic", description="KV cache of the rollouts: static preallocates it, and on CUDA transformers "
+                               "compiles the decode step for it (torch.compile); dynamic grows it per token")
 
 
 class PPOConfig(StageConfig):
@@ -313,8 +317,8 @@ class GenerateConfig(Section):
     max_prompt_length: int = Field(512, ge=8, description="longer prompts keep their last tokens")
     limit: int | None = Field(None, ge=1, description="use only the first N prompts")
     seed: int = Field(0, description="sampling seed")
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 weights where the hardware "
-                                                                           "has bf16 matmuls")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 weights where the hardware has bf16 matmuls, fp16 on a CUDA GPU without")
 
 
 class ScoreConfig(Section):
@@ -335,8 +339,8 @@ class CompareConfig(Section):
     tie_margin: float = Field(0.0, ge=0, description="score differences up to this count as ties")
     bootstrap_samples: int = Field(1000, ge=100, description="resamples of the prompts for each CI")
     output: ArtifactName = Field("compare", description="report name: reports/<output>/vK")
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 weights where the hardware "
-                                                                           "has bf16 matmuls")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 weights where the hardware has bf16 matmuls, fp16 on a CUDA GPU without")
 
     @field_validator("judge", mode="before")
     @classmethod

@@ -25,10 +25,10 @@ def raw_rewards(model, tokenizer, conversations: Sequence[Messages], batch_size:
     """
     import torch
 
-    from rlhf.models import resolve_precision
+    from rlhf.models import resolve_precision, torch_dtype
     from rlhf.sampling import device_of, pad
 
-    bf16 = resolve_precision("auto") == "bf16"
+    dtype = torch_dtype(resolve_precision("auto"))
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"][-max_length:] for t in texts]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -39,7 +39,7 @@ def raw_rewards(model, tokenizer, conversations: Sequence[Messages], batch_size:
         idx = order[start:start + batch_size]
         # Right padding: the classifier reads the last non-pad token of each row.
         input_ids, attention = pad([ids[i] for i in idx], tokenizer.pad_token_id, side="right")
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
         for row, i in enumerate(idx):
             out[i] = float(logits[row, 0])
@@ -60,18 +60,16 @@ class RewardModel:
     def __init__(self, store: ArtifactStore, ref: str):
         from transformers import AutoModelForSequenceClassification
 
-        from rlhf.models import load_tokenizer
+        from rlhf.models import cuda_available, load_tokenizer
 
         self.artifact: Artifact = check_reward_checkpoint(store.resolve(ref, kind="checkpoint"))
         norm = self.artifact.manifest["metrics"]["normalization"]
         self.mean, self.std = norm["mean"], norm["std"]
         self.max_length = self.artifact.manifest["config"]["max_length"]
         self.tokenizer = load_tokenizer(self.artifact)
+        # fp32 weights under autocast, as when the reward stage fitted the normalisation.
         self.model = AutoModelForSequenceClassification.from_pretrained(self.artifact.path)
-        import torch
-
-        if torch.cuda.is_available():
-            self.model.to("cuda")
+        self.model.to("cuda" if cuda_available() else "cpu")
 
     def score(self, prompts: Sequence[Messages], responses: Sequence[str], batch_size: int = 16) -> list[float]:
         """Normalised reward of each `response` as the assistant's reply to the matching prompt."""

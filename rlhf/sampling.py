@@ -88,20 +88,35 @@ def sampling_kwargs(temperature: float, top_p: float = 1.0) -> dict[str, Any]:
     return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
 
 
+# Static-cache prompts are left-padded to a multiple of this, so a run compiles few shapes.
+STATIC_PROMPT_BUCKET = 64
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float,
-           top_p: float = 1.0, k: int = 1) -> Rollout:
+           top_p: float = 1.0, k: int = 1, cache: str = "dynamic") -> Rollout:
     """Sample `k` responses per prompt with the KV cache, the whole batch at once.
 
     The rollout's rows are prompt-major (prompt 0's k samples first) and live on the model's
     device. Greedy decoding is deterministic, so it decodes once and repeats each row k times.
+
+    `cache="static"` preallocates the KV cache at its final size, which transformers then
+    compiles the decode step for with torch.compile on CUDA (fewer, fused kernels per token);
+    a compiled step is reused only for the shape it was compiled for, so the prompts are first
+    left-padded to a multiple of STATIC_PROMPT_BUCKET tokens.
     """
     device = device_of(model)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    extra: dict[str, Any] = {}
+    if cache == "static":
+        short = -prompt_ids.shape[1] % STATIC_PROMPT_BUCKET
+        prompt_ids = torch.nn.functional.pad(prompt_ids, (short, 0), value=tokenizer.pad_token_id)
+        prompt_mask = torch.nn.functional.pad(prompt_mask, (short, 0), value=0)
+        extra["cache_implementation"] = "static"
     greedy = temperature <= 0
     out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         num_return_sequences=1 if greedy else k, **sampling_kwargs(temperature, top_p))
+                         num_return_sequences=1 if greedy else k, **sampling_kwargs(temperature, top_p), **extra)
     if greedy:
         out = out.repeat_interleave(k, dim=0)
     if k > 1:

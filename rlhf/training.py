@@ -177,6 +177,7 @@ def trainer_kwargs(train: TrainConfig, scratch: Path, precision: str, has_eval: 
         "seed": train.seed,
         "data_seed": train.seed,
         "bf16": precision == "bf16",  # autocast; on a CPU it needs use_cpu below
+        "fp16": precision == "fp16",  # autocast with a loss scaler, on CUDA only (resolve_precision)
         "use_cpu": not torch.cuda.is_available(),
         # TRL turns this on by default; the recompute costs ~30% step time, so it is on only where
         # memory needs it (`checkpointing_decision`).
@@ -458,6 +459,7 @@ def run_metrics(trainer, run: TrainRun, precision: str) -> dict[str, Any]:
         "trainable_params": trainable,
         "total_params": total,
         "processes": trainer.accelerator.num_processes,
+        "distributed": trainer.accelerator.distributed_type.value,  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
         "resumed_from_step": int(run.resumed_from.name.split("-")[-1]) if run.resumed_from else None,
     }
 
@@ -502,7 +504,8 @@ SUITE_KEYS = {
     "report_to": "report.to", "max_steps": "train.max_steps", "num_train_epochs": "train.epochs",
     "per_device_train_batch_size": "train.batch_size", "per_device_eval_batch_size": "train.batch_size",
     "gradient_accumulation_steps": "train.grad_accum", "learning_rate": "train.learning_rate",
-    "seed": "train.seed", "data_seed": "train.seed", "bf16": "train.precision", "use_cpu": "train.precision",
+    "seed": "train.seed", "data_seed": "train.seed", "bf16": "train.precision", "fp16": "train.precision",
+    "use_cpu": "train.precision",
     "activation_checkpointing": "train.gradient_checkpointing",
     "gradient_checkpointing": "train.gradient_checkpointing", "eval_steps": "train.eval_steps",
     "save_steps": "train.save_steps", "logging_steps": "train.logging_steps", "output_dir": "output",
@@ -529,6 +532,7 @@ def prepare_inputs(cfg, store: ArtifactStore, library_config: type, schema: str,
             raise RlhfError(f"config: trl.{key} is set by the suite itself from its own keys; {instead} "
                             f"(`rlhf <stage> --help` lists them)")
     check_trackers(cfg.report.to)
+    models.check_launch()
     models.check_mode(cfg.mode)
     precision = models.resolve_precision(cfg.train.precision)
     store.check_writable()

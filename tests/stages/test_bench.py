@@ -54,3 +54,30 @@ def test_bench_refuses_an_unknown_stage_or_budget_key(capsys):
         main(["--stages", "sfft"])
     with pytest.raises(SystemExit, match="unknown budget key 'stepz'"):
         main(["--quick", "--stages", "sft", "--set", "stepz=3"])
+
+
+@pytest.mark.slow
+def test_the_gpu_acceptance_check_runs_every_stage_in_cpu_smoke_mode(tmp_path):
+    import subprocess
+    import sys
+
+    # A subprocess, as a user runs it: the check imports and launches everything itself.
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--cpu-smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(tmp_path.glob("gpu-check-cpu-smoke-*.json")).read_text())
+    status = {c["name"]: c["status"] for c in result["checks"]}
+    ran = ["sft lora", "sft full", "sft suite / plain TRL", "reward", "dpo", "ppo (merged sampler)",
+           "ppo (static KV cache)", "ppo rollout suite / HF generate", "generate", "compare"]
+    assert all(status[name] == "ok" for name in ran), status
+    # Only what needs CUDA (or the packaged model, which the integration tier runs) is skipped, and says why.
+    skipped = {c["name"]: c["skipped"] for c in result["checks"] if c["status"] == "skipped"}
+    assert set(skipped) == set(status) - set(ran)
+    assert skipped["sft qlora"] == skipped["fsdp (configs/accelerate/fsdp.yaml)"] == "needs CUDA"
+    by = {c["name"]: c for c in result["checks"]}
+    for name in ("sft suite / plain TRL", "ppo rollout suite / HF generate"):
+        assert by[name]["ratio"] == pytest.approx(by[name]["tokens_per_s"] / by[name]["baseline_tokens_per_s"])
+    assert all(0 < by[name]["mfu"] < 1 for name in ("sft lora", "sft full", "reward", "dpo"))
+    assert by["compare"]["artifact"].startswith("reports/compare:")
+    table = next(tmp_path.glob("gpu-check-cpu-smoke-*.md")).read_text()
+    assert all(f"| {name} |" in table for name in status)

@@ -26,7 +26,8 @@ import pytest
 from conftest import rlhf, shared_data, write_marker_preferences
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("Commands", "Fine-tuning methods", "Comparing checkpoints", "Human feedback", "The artifact store")
+SECTIONS = ("Commands", "Fine-tuning methods", "GPUs and several processes", "Comparing checkpoints", "Human feedback",
+            "The artifact store")
 
 # Sizes that keep each stage to seconds on the tiny model.
 TINY = {
@@ -136,6 +137,13 @@ README: dict[str, dict[str, list]] = {
         "rlhf --workspace /tmp/w8 sft ... mode=full output=m-full": [
             f"--workspace {{w8}} sft {FIXED_SFT} mode=full output=m-full"],
     },
+    "GPUs and several processes": {
+        "accelerate launch --config_file configs/accelerate/ddp.yaml -m rlhf.cli dpo": [
+            ELSEWHERE, "tests/stages/test_distributed.py::test_dpo_trains_on_two_shards_and_learns_what_one_process_learns"],
+        "accelerate launch --multi_gpu --num_processes 2 -m rlhf.cli reward train.max_steps=10": [
+            ELSEWHERE,
+            "tests/stages/test_distributed.py::test_reward_trains_on_two_shards_and_learns_what_one_process_learns"],
+    },
     "Comparing checkpoints": {
         "rlhf data import prompts demo:support_prompts_heldout.jsonl --name heldout": [
             "data import prompts demo:support_prompts_heldout.jsonl --name heldout"],
@@ -170,6 +178,7 @@ README: dict[str, dict[str, list]] = {
 # What each section's commands need that the README builds in an earlier section.
 SETUP = {
     "Commands": [],
+    "GPUs and several processes": [],
     "Fine-tuning methods": ["base import {tiny}", "data import sft demo:support_sft.jsonl",
                             "data import preferences {prefs}", "sft"],
     "Comparing checkpoints": ["base import {tiny}", "data import sft demo:support_sft.jsonl",

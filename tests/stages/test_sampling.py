@@ -105,3 +105,17 @@ def test_sampling_moves_cpu_inputs_to_the_models_device(tiny):
         ids, mask, torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4), torch.zeros(2, dtype=torch.bool))
     out = sampling.forward_response(model, cpu_rollout)  # ... is moved too
     assert out["logprobs"].shape == (2, 4) and out["logprobs"].device.type == "meta"
+
+
+def test_a_static_cache_samples_what_the_dynamic_one_does(tiny):
+    # The static cache (compiled on CUDA) pads prompts to a 64-token bucket: the same greedy
+    # replies, and the same log-probs of them, as the growing cache without the extra padding.
+    model, tokenizer = tiny
+    ids, mask, _ = sampling.encode_prompts(tokenizer, prompts(3), 256)
+    dynamic = sampling.sample(model, tokenizer, ids, mask, max_new_tokens=8, temperature=0.0)
+    static = sampling.sample(model, tokenizer, ids, mask, max_new_tokens=8, temperature=0.0, cache="static")
+    assert static.prompt_ids.shape[1] % sampling.STATIC_PROMPT_BUCKET == 0
+    assert torch.equal(static.prompt_ids[:, -ids.shape[1]:], ids) and static.prompt_mask.sum() == mask.sum()
+    assert torch.equal(static.response_ids, dynamic.response_ids)
+    assert torch.allclose(sampling.forward_response(model, static)["logprobs"] * static.response_mask,
+                          sampling.forward_response(model, dynamic)["logprobs"] * dynamic.response_mask, atol=1e-4)
