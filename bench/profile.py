@@ -75,7 +75,7 @@ def profiled_ppo_update(found: list):
 
     import ppo.train
 
-    original = ppo.train._ppo_epochs
+    original = ppo.train.ppo_update
 
     def profiled(*args, **kwargs):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -83,11 +83,11 @@ def profiled_ppo_update(found: list):
         found.append(prof)
         return out
 
-    ppo.train._ppo_epochs = profiled
+    ppo.train.ppo_update = profiled
     try:
         yield
     finally:
-        ppo.train._ppo_epochs = original
+        ppo.train.ppo_update = original
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -246,7 +246,7 @@ def ppo_update(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]:
     from torch import nn
 
     from ppo import core
-    from ppo.train import ActorCritic, _ppo_epochs
+    from ppo import train as ppo_train
     from rlhf.sampling import forward_response, sample
     from rlhf.config import PPOConfig, load_config
 
@@ -268,7 +268,7 @@ def ppo_update(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]:
         policy.forward = plain_forward
     # A fixed synthetic score (response length), so both sides optimise the same objective.
     score = rollout.response_mask.sum(dim=1) / budget["max_new_tokens"]
-    model = ActorCritic(policy, nn.Linear(policy.config.hidden_size, 1), 0.7)
+    model = ppo_train.ActorCritic(policy, nn.Linear(policy.config.hidden_size, 1), 0.7)
     with torch.no_grad(), accelerator.autocast():
         out = model(rollout)
         with policy.disable_adapter():
@@ -281,7 +281,8 @@ def ppo_update(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]:
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     start = time.perf_counter()
-    stats = _ppo_epochs(model, optimizer, accelerator, rollout, out["logprobs"], values, advantages, returns, cfg)
+    stats = ppo_train.ppo_update(model, optimizer, accelerator, rollout, out["logprobs"], values, advantages, returns,
+                                 cfg)
     wall = time.perf_counter() - start
     tokens = cfg.ppo.update_epochs * int(rollout.attention_mask.sum())
     return {"tokens": tokens, "wall_s": wall, "metric": stats["policy_loss"], "metric_name": "mean policy loss",

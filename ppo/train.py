@@ -19,8 +19,9 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -87,12 +88,22 @@ def check(cfg: PPOConfig, store: ArtifactStore, with_reward: bool = True) -> Inp
     models.load_tokenizer(policy_init)  # has a chat template
     if with_reward:
         check_reward_checkpoint(store.resolve(cfg.reward, kind="checkpoint"))
+        if cfg.ppo.value_init == "reward":
+            check_value_init(store, cfg, policy_init)
     prompts_art = store.resolve(cfg.data, kind="dataset")
     train_prompts, eval_prompts = _prompt_sets(store, cfg, prompts_art)
-    if cfg.train.batch_size % cfg.ppo.minibatch_size:
-        raise RlhfError(f"config: train.batch_size={cfg.train.batch_size} must be a multiple of "
-                        f"ppo.minibatch_size={cfg.ppo.minibatch_size}")
     return Inputs(precision, policy_init, prompts_art, train_prompts, eval_prompts)
+
+
+def check_value_init(store: ArtifactStore, cfg: PPOConfig, policy_init: Artifact) -> None:
+    """ppo.value_init=reward copies the reward model's score head onto the policy's last hidden
+    state: the two must have the same hidden size (read from their configs, no weights loaded)."""
+    theirs = models.model_config(store, store.resolve(cfg.reward, kind="checkpoint")).hidden_size
+    ours = models.model_config(store, policy_init).hidden_size
+    if theirs != ours:
+        raise RlhfError(f"ppo.value_init=reward copies {cfg.reward}'s score head (hidden size {theirs}) onto the "
+                        f"policy {policy_init.ref} (hidden size {ours}), which cannot fit; pass ppo.value_init=zero, "
+                        "or a reward model trained from this policy's family")
 
 
 def main(cfg: PPOConfig, store: ArtifactStore) -> Artifact | None:
@@ -105,94 +116,137 @@ def main(cfg: PPOConfig, store: ArtifactStore) -> Artifact | None:
     def score_fn(prompts, texts, rollout):
         return torch.tensor(reward.score(prompts, texts, batch_size=cfg.train.batch_size))
 
-    return train(cfg, store, score_fn, reward_artifact=reward.artifact, reward_head=value_head_init(reward),
-                 inputs=inputs)
+    head = value_head_init(reward) if cfg.ppo.value_init == "reward" else None
+    return train(cfg, store, score_fn, reward_artifact=reward.artifact, reward_head=head, inputs=inputs)
 
 
-def value_head_init(reward) -> tuple[torch.Tensor, torch.Tensor] | None:
+def value_head_init(reward) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights that make the value head start as the reward model's normalised score head."""
     head = getattr(reward.model, "score", None)
-    if head is None:
-        return None
+    if not isinstance(head, nn.Linear):
+        raise RlhfError(f"ppo.value_init=reward needs a linear `score` head, and {reward.artifact.ref} "
+                        f"({type(reward.model).__name__}) has none; pass ppo.value_init=zero")
     w = head.weight.detach().float()  # (1, hidden)
     return w / reward.std, torch.tensor([-reward.mean / reward.std])
 
 
+@dataclass
+class Run:
+    """What `setup` builds, `fit` trains and `publish` saves."""
+
+    cfg: PPOConfig
+    inputs: Inputs
+    config: dict
+    scratch: Path
+    accelerator: Any
+    tokenizer: Any
+    model: nn.Module  # the ActorCritic as accelerate prepared it (DDP-wrapped under several processes)
+    unwrapped: ActorCritic
+    optimizer: torch.optim.Optimizer
+    sampler: nn.Module | None
+    kl_ctl: Any
+    n_iters: int
+    start_iter: int
+    history: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    totals: dict = field(default_factory=lambda: {"generation_s": 0.0, "generation_tokens": 0, "update_s": 0.0,
+                                                   "update_tokens": 0, "prompts_truncated": 0, "wall_s": 0.0})
+
+
 def train(cfg: PPOConfig, store: ArtifactStore, score_fn: RewardFn, reward_artifact: Artifact | None = None,
           reward_head: tuple[torch.Tensor, torch.Tensor] | None = None, inputs: Inputs | None = None) -> Artifact | None:
+    """Set up, run the PPO iterations (resuming a killed run) and publish; None on all but the main process.
+
+    `reward_head` starts the value head when `ppo.value_init=reward` (`value_head_init`); a caller
+    with a score function of its own (the tests' toy rewards) passes ppo.value_init=zero.
+    """
+    if cfg.ppo.value_init == "reward" and reward_head is None:
+        raise RlhfError("ppo.value_init=reward needs the reward model's score head to start the value head; "
+                        "pass ppo.value_init=zero with a score function of your own")
+    inputs = inputs or check(cfg, store, with_reward=False)
+    run = setup(cfg, store, inputs, [reward_artifact] if reward_artifact else [], reward_head)
+    fit(run, score_fn)
+    return publish(run, store, reward_artifact)
+
+
+def setup(cfg: PPOConfig, store: ArtifactStore, inputs: Inputs, extra_inputs: list[Artifact],
+          reward_head: tuple[torch.Tensor, torch.Tensor] | None) -> Run:
+    """The actor-critic, its optimizer, the sampler and the KL controller, restored from a killed run's state."""
     from accelerate import Accelerator
     from peft import LoraConfig, get_peft_model
 
     hp = cfg.ppo
-    inputs = inputs or check(cfg, store, with_reward=False)
-    precision, policy_init, prompts_art = inputs.precision, inputs.policy_init, inputs.prompts
-    train_prompts, eval_prompts = inputs.train_prompts, inputs.eval_prompts
-
     config = dump(cfg)
-    run_inputs = [policy_init, prompts_art] + ([reward_artifact] if reward_artifact else [])
-    scratch = store.scratch_dir("ppo", training.run_id(config, run_inputs))
+    scratch = store.scratch_dir("ppo", training.run_id(config, [inputs.policy_init, inputs.prompts, *extra_inputs]))
     # The same scalars as logs/ppo_log.jsonl, to the trackers of report.to, through accelerate.
     tracking = training.tracking_dir(scratch, cfg.report.to) if cfg.report.to else None
-    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
+    accelerator = Accelerator(mixed_precision="no" if inputs.precision == "fp32" else inputs.precision,
                               cpu=not torch.cuda.is_available(), log_with=cfg.report.to or None, project_dir=tracking)
     if cfg.report.to:
         accelerator.init_trackers("ppo", config=training.flat_config(config))
     torch.manual_seed(cfg.train.seed + accelerator.process_index)
-    tokenizer = models.load_tokenizer(policy_init)
-    base = models.load_causal_lm(store, policy_init, mode=cfg.mode)
+    tokenizer = models.load_tokenizer(inputs.policy_init)
+    base = models.load_causal_lm(store, inputs.policy_init, mode=cfg.mode)
     if cfg.mode == "qlora":
         from peft import prepare_model_for_kbit_training
 
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     sampler = None
     if hp.merged_sampler and cfg.mode == "lora" and accelerator.distributed_type not in _SHARDED:
-        sampler = merged_sampler(base, models.torch_dtype(precision)).to(accelerator.device)
+        sampler = merged_sampler(base, models.torch_dtype(inputs.precision)).to(accelerator.device)
+    # No dropout: a rollout's log-probs must be the same in every pass that reads them.
     policy = get_peft_model(base, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
                                              target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
     value_head = nn.Linear(base.config.hidden_size, 1)
     with torch.no_grad():
         value_head.weight.zero_(), value_head.bias.zero_()
-        if hp.value_init == "reward" and reward_head is not None and reward_head[0].shape == value_head.weight.shape:
+        if hp.value_init == "reward":  # the shapes were checked against the configs (check_value_init)
             value_head.weight.copy_(reward_head[0]), value_head.bias.copy_(reward_head[1])
     model = ActorCritic(policy, value_head, hp.temperature)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.learning_rate,
                                   eps=1e-5)  # eps as in the N+ details
     model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped: ActorCritic = accelerator.unwrap_model(model)
     kl_ctl = (core.AdaptiveKLController(hp.kl_coef, hp.kl_target, hp.kl_horizon) if hp.adaptive_kl
               else core.FixedKLController(hp.kl_coef))
-
-    world = accelerator.num_processes
-    global_batch = cfg.train.batch_size * world
+    global_batch = cfg.train.batch_size * accelerator.num_processes
     n_iters = cfg.train.max_steps if cfg.train.max_steps > 0 else \
-        math.ceil(cfg.train.epochs * len(train_prompts) / global_batch)
-    history: list[dict] = []
-    evals: list[dict] = []
-    start_iter = _resume(scratch, unwrapped, optimizer, kl_ctl, history, evals, accelerator)
+        math.ceil(cfg.train.epochs * len(inputs.train_prompts) / global_batch)
+    run = Run(cfg, inputs, config, scratch, accelerator, tokenizer, model, accelerator.unwrap_model(model), optimizer,
+              sampler, kl_ctl, n_iters, start_iter=0)
+    run.start_iter = _resume(run)
     faults.point("load")
-    truncated = 0
-    timings = {"generation_s": 0.0, "generation_tokens": 0, "update_s": 0.0, "update_tokens": 0}
-    run_start = time.perf_counter()
+    return run
+
+
+def fit(run: Run, score_fn: RewardFn) -> None:
+    """The PPO iterations, steps 1-8 each, from `run.start_iter` to `run.n_iters`."""
+    cfg, hp, accelerator = run.cfg, run.cfg.ppo, run.accelerator
+    model, unwrapped, tokenizer, totals = run.model, run.unwrapped, run.tokenizer, run.totals
+    global_batch = cfg.train.batch_size * accelerator.num_processes
+    device = accelerator.device
+    run_start, wall_before = time.perf_counter(), totals["wall_s"]  # a resumed run adds to the killed run's time
 
     def generator() -> nn.Module:
         """The model to sample from now: the merged sampler, refreshed, or the policy itself."""
-        if sampler is None:
+        if run.sampler is None:
             return unwrapped.policy
-        sync_sampler(sampler, unwrapped.policy)
-        return sampler
+        sync_sampler(run.sampler, unwrapped.policy)
+        return run.sampler
 
-    evaluate = lambda it: _evaluate(unwrapped, generator(), tokenizer, eval_prompts, score_fn, cfg, it, accelerator)
-    if not start_iter:
-        with progress.phase(f"ppo: scoring the starting policy on {min(cfg.eval_prompts, len(eval_prompts))} "
-                            "held-out prompts"):
-            evals.append(evaluate(0))
-    for it in range(start_iter, n_iters):
+    def evaluate(iteration: int) -> dict:
+        return _evaluate(unwrapped, generator(), tokenizer, run.inputs.eval_prompts, score_fn, cfg, iteration,
+                         accelerator)
+
+    if not run.start_iter:
+        with progress.phase(f"ppo: scoring the starting policy on "
+                            f"{min(cfg.eval_prompts, len(run.inputs.eval_prompts))} held-out prompts"):
+            run.evals.append(evaluate(0))
+    for it in range(run.start_iter, run.n_iters):
         # 1. Sample a batch of prompts (a seeded shuffle per epoch; each process takes its own slice).
-        batch = _prompt_batch(train_prompts, it, global_batch, cfg.train.batch_size, accelerator.process_index,
-                              cfg.train.seed)
+        batch = _prompt_batch(run.inputs.train_prompts, it, global_batch, cfg.train.batch_size,
+                              accelerator.process_index, cfg.train.seed)
         prompt_ids, prompt_mask, n_cut = encode_prompts(tokenizer, batch, hp.max_prompt_length)
-        truncated += n_cut
-        device = accelerator.device
+        totals["prompts_truncated"] += n_cut
 
         # 2. Generate with the KV cache, the whole batch at once.
         model.eval()
@@ -201,8 +255,8 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: RewardFn, reward_artif
             rollout = sample(generator(), tokenizer, prompt_ids, prompt_mask, hp.max_new_tokens, hp.temperature,
                              cache=hp.rollout_cache)
         rollout = rollout.to(device)  # a no-op unless the sampler sits on another device than the policy
-        timings["generation_s"] += time.perf_counter() - t0
-        timings["generation_tokens"] += int(rollout.response_mask.sum())
+        totals["generation_s"] += time.perf_counter() - t0
+        totals["generation_tokens"] += int(rollout.response_mask.sum())
         mask = rollout.response_mask
 
         # 3. Score; a response that hit the length limit without EOS is penalised.
@@ -219,7 +273,7 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: RewardFn, reward_artif
         entropy = core.entropy_from_logits(out.pop("logits"), mask)
 
         # 5. Per-token KL penalty, score added at the last real token.
-        rewards, kl = core.kl_penalized_rewards(score, old_logprobs, ref_logprobs, mask, kl_ctl.value)
+        rewards, kl = core.kl_penalized_rewards(score, old_logprobs, ref_logprobs, mask, run.kl_ctl.value)
 
         # 6. GAE, then whiten the advantages over the batch.
         advantages, returns = core.gae(rewards, old_values, mask, hp.gamma, hp.lam)
@@ -228,9 +282,10 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: RewardFn, reward_artif
         # 7. PPO epochs over shuffled minibatches, clipped policy and value losses.
         model.train()
         t0 = time.perf_counter()
-        stats = _ppo_epochs(model, optimizer, accelerator, rollout, old_logprobs, old_values, advantages, returns, cfg)
-        timings["update_s"] += time.perf_counter() - t0
-        timings["update_tokens"] += hp.update_epochs * int(rollout.attention_mask.sum())
+        stats = ppo_update(model, run.optimizer, accelerator, rollout, old_logprobs, old_values, advantages, returns,
+                           cfg)
+        totals["update_s"] += time.perf_counter() - t0
+        totals["update_tokens"] += hp.update_epochs * int(rollout.attention_mask.sum())
 
         # 8. Log the global batch's means, adapt the KL coefficient to them, evaluate, checkpoint for resume.
         local = {
@@ -244,62 +299,68 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: RewardFn, reward_artif
         }
         # Every process holds batch_size rollouts, so the mean of the per-process means is the global mean.
         means = accelerator.reduce(torch.stack([v.detach().float().to(device) for v in local.values()]), "mean")
-        record = {"iteration": it + 1, "kl_coef": kl_ctl.value, **dict(zip(local, means.tolist()))}
-        kl_ctl.update(record["kl"], global_batch)
-        if (it + 1) % cfg.eval_every == 0 or it + 1 == n_iters:
-            evals.append(evaluate(it + 1))
-            record["eval_score"] = evals[-1]["score"]
-        history.append(record)
+        record = {"iteration": it + 1, "kl_coef": run.kl_ctl.value, **dict(zip(local, means.tolist()))}
+        run.kl_ctl.update(record["kl"], global_batch)
+        if (it + 1) % cfg.eval_every == 0 or it + 1 == run.n_iters:
+            run.evals.append(evaluate(it + 1))
+            record["eval_score"] = run.evals[-1]["score"]
+        run.history.append(record)
         accelerator.log(record, step=it + 1)
         if accelerator.is_main_process:
-            per_it = (time.perf_counter() - run_start) / (it + 1 - start_iter)
+            per_it = (time.perf_counter() - run_start) / (it + 1 - run.start_iter)
             held_out = f"  held-out score {record['eval_score']:.3f}" if "eval_score" in record else ""
-            progress.say(f"ppo {it + 1}/{n_iters}: score {record['score']:.3f}  kl {record['kl']:.3f}  "
+            progress.say(f"ppo {it + 1}/{run.n_iters}: score {record['score']:.3f}  kl {record['kl']:.3f}  "
                          f"entropy {record['entropy']:.2f}  length {record['response_length']:.0f}{held_out}  "
-                         f"({per_it:.1f}s/it, ~{per_it * (n_iters - it - 1) / 60:.0f} min left)")
+                         f"({per_it:.1f}s/it, ~{per_it * (run.n_iters - it - 1) / 60:.0f} min left)")
+        totals["wall_s"] = wall_before + time.perf_counter() - run_start
         faults.point(f"step-{it + 1}")
-        if (it + 1) % cfg.train.save_steps == 0 and it + 1 < n_iters:
-            _save_state(scratch, it + 1, unwrapped, optimizer, kl_ctl, history, evals, accelerator)
+        if (it + 1) % cfg.train.save_steps == 0 and it + 1 < run.n_iters:
+            _save_state(run, it + 1)
 
+
+def publish(run: Run, store: ArtifactStore, reward_artifact: Artifact | None) -> Artifact | None:
+    """The adapter, curves and metrics as checkpoints/<output>/vK, by the main process alone."""
+    cfg, accelerator, totals, history, evals = run.cfg, run.accelerator, run.totals, run.history, run.evals
+    policy_init, prompts_art = run.inputs.policy_init, run.inputs.prompts
     accelerator.wait_for_everyone()
     # Closes the trackers, so their files are complete; it also ends the process group, so it comes last.
     accelerator.end_training()
     if not accelerator.is_main_process:
         return None
-    wall = time.perf_counter() - run_start
-    with store.create("checkpoint", cfg.output, stage="ppo", config=config) as w:
-        unwrapped.policy.save_pretrained(w.path)
+    with store.create("checkpoint", cfg.output, stage="ppo", config=run.config) as w:
+        run.unwrapped.policy.save_pretrained(w.path)
         models.make_portable(w.path, policy_init)
-        tokenizer.save_pretrained(w.path)
+        run.tokenizer.save_pretrained(w.path)
         _save_curves(history, evals, w.path / training.LOGS_DIR)
-        training.publish_tracking(scratch, w.path / training.LOGS_DIR)
+        training.publish_tracking(run.scratch, w.path / training.LOGS_DIR)
         w.add_input("model", policy_init, loaded_as=models.loaded_as(store, policy_init))
         w.add_input("reference", policy_init)
         w.add_input("data", prompts_art)
         if reward_artifact:
             w.add_input("reward", reward_artifact)
         w.metrics.update({
-            "iterations": n_iters,
+            "iterations": run.n_iters,
             "eval_score_initial": evals[0]["score"] if evals and evals[0]["iteration"] == 0 else None,
             "eval_score": evals[-1]["score"] if evals else None,
             "eval_kl": evals[-1]["kl"] if evals else None,
             "final_kl": history[-1]["kl"] if history else None,
-            "prompts_truncated": truncated,
-            "generation_tokens_per_s": timings["generation_tokens"] / max(timings["generation_s"], 1e-9),
-            "update_tokens_per_s": timings["update_tokens"] / max(timings["update_s"], 1e-9),
-            "wall_s": wall,
+            "prompts_truncated": totals["prompts_truncated"],
+            "generation_tokens_per_s": totals["generation_tokens"] / max(totals["generation_s"], 1e-9),
+            "update_tokens_per_s": totals["update_tokens"] / max(totals["update_s"], 1e-9),
+            "wall_s": totals["wall_s"],
             "peak_mem_mb": training.peak_memory_mb(),
-            "precision": precision,
-            "processes": world,
+            "precision": run.inputs.precision,
+            "processes": accelerator.num_processes,
             "distributed": accelerator.distributed_type.value,
-            "resumed_from_iteration": start_iter or None,
+            "resumed_from_iteration": run.start_iter or None,
         })
-    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.rmtree(run.scratch, ignore_errors=True)
     return w.result
 
 
-def _ppo_epochs(model, optimizer, accelerator, rollout: Rollout, old_logprobs, old_values, advantages, returns,
-                cfg: PPOConfig) -> dict[str, float]:
+def ppo_update(model, optimizer, accelerator, rollout: Rollout, old_logprobs, old_values, advantages, returns,
+               cfg: PPOConfig) -> dict[str, float]:
+    """Step 7: `ppo.update_epochs` passes over shuffled minibatches of one rollout batch; the mean losses and stats."""
     hp = cfg.ppo
     n = rollout.response_ids.shape[0]
     sums: dict[str, float] = {}
@@ -395,7 +456,7 @@ def _trainable_state(unwrapped: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu() for n, p in unwrapped.named_parameters() if p.requires_grad}
 
 
-def _save_state(scratch, iteration, unwrapped, optimizer, kl_ctl, history, evals, accelerator) -> None:
+def _save_state(run: Run, iteration: int) -> None:
     """Trainable weights, optimizer, every process's RNG and logs, written to a temp file and renamed into place.
 
     Called on every process: each contributes its own RNG state, so that after a resume the
@@ -404,31 +465,33 @@ def _save_state(scratch, iteration, unwrapped, optimizer, kl_ctl, history, evals
     from accelerate.utils import gather_object
 
     rngs = gather_object([torch.get_rng_state()])
-    if not accelerator.is_main_process:
+    if not run.accelerator.is_main_process:
         return
-    scratch.mkdir(parents=True, exist_ok=True)
-    tmp = scratch / f".state-{iteration}.tmp"
-    torch.save({"iteration": iteration, "trainable": _trainable_state(unwrapped),
-                "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value, "history": history,
-                "evals": evals, "rng": rngs}, tmp)
+    run.scratch.mkdir(parents=True, exist_ok=True)
+    tmp = run.scratch / f".state-{iteration}.tmp"
+    torch.save({"iteration": iteration, "trainable": _trainable_state(run.unwrapped),
+                "optimizer": run.optimizer.state_dict(), "kl_coef": run.kl_ctl.value, "history": run.history,
+                "evals": run.evals, "totals": run.totals, "rng": rngs}, tmp)
     faults.point(f"checkpoint-{iteration}")
-    os.replace(tmp, scratch / "state.pt")
+    os.replace(tmp, run.scratch / "state.pt")
 
 
-def _resume(scratch, unwrapped, optimizer, kl_ctl, history, evals, accelerator) -> int:
-    path = scratch / "state.pt"
+def _resume(run: Run) -> int:
+    """The iteration a killed run's saved state reached (its weights, optimizer, logs and RNG restored), or 0."""
+    path = run.scratch / "state.pt"
     if not path.is_file():
         return 0
     state = torch.load(path, weights_only=False)
-    params = dict(unwrapped.named_parameters())
+    params = dict(run.unwrapped.named_parameters())
     with torch.no_grad():
         for name, value in state["trainable"].items():
             params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    kl_ctl.value = state["kl_coef"]
-    history.extend(state["history"])
-    evals.extend(state["evals"])
-    rngs = state["rng"]
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.kl_ctl.value = state["kl_coef"]
+    run.history.extend(state["history"])
+    run.evals.extend(state["evals"])
+    run.totals.update(state["totals"])
+    rngs, accelerator = state["rng"], run.accelerator
     if len(rngs) == accelerator.num_processes:
         torch.set_rng_state(rngs[accelerator.process_index])
     else:  # resumed on another number of processes: fresh, distinct streams

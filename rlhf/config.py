@@ -54,19 +54,16 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
-class TrainConfig(Section):
-    """The optimisation budget every training stage shares."""
+class BudgetConfig(Section):
+    """The optimisation budget every training stage shares, PPO's loop included."""
 
     max_steps: int = Field(-1, description="optimizer steps; -1 means run `epochs` full passes")
     epochs: float = Field(1.0, gt=0, description="full passes over the data when max_steps is -1")
     batch_size: int = Field(8, ge=1, description="examples per optimizer step and process (before grad_accum)")
-    grad_accum: int = Field(1, ge=1, description="batches whose gradients add up to one optimizer step")
     learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
     seed: int = Field(42, description="seed of the split, the shuffle and the new weights")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of rows held out for eval")
-    eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps; default: at the end only")
     save_steps: int = Field(50, ge=1, description="trainer checkpoint for resume every N steps")
-    logging_steps: int = Field(5, ge=1, description="log the training metrics every N steps")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto = bf16 autocast where the hardware has it (CUDA bf16, CPU AMX/AVX512-BF16), "
                             "fp16 on a CUDA GPU without bf16, else fp32")
@@ -78,6 +75,14 @@ class TrainConfig(Section):
             raise ValueError(f"train.max_steps={v} trains nothing; give a positive number of steps, "
                              "or -1 to run train.epochs full passes")
         return v
+
+
+class TrainConfig(BudgetConfig):
+    """The budget of the TRL stages, which also accumulate gradients, evaluate and log on a schedule."""
+
+    grad_accum: int = Field(1, ge=1, description="batches whose gradients add up to one optimizer step")
+    eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps; default: at the end only")
+    logging_steps: int = Field(5, ge=1, description="log the training metrics every N steps")
 
 
 class FineTuneTrainConfig(TrainConfig):
@@ -101,11 +106,16 @@ class FineTuneTrainConfig(TrainConfig):
         return self
 
 
-class LoraConfig(Section):
+class AdapterConfig(Section):
+    """PPO's LoRA adapter: no dropout, so the log-probs of a rollout are the same in every pass."""
+
     r: int = Field(16, ge=1, description="rank of the LoRA update B·A")
     alpha: int = Field(32, ge=1, description="the update is scaled by alpha / r")
-    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input")
     target_modules: list[str] | str = Field("all-linear", description="module names to adapt, or all-linear")
+
+
+class LoraConfig(AdapterConfig):
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input")
 
 
 class FreezeConfig(Section):
@@ -286,6 +296,15 @@ class PPOHyperparameters(Section):
                                "compiles the decode step for it (torch.compile); dynamic grows it per token")
 
 
+class PPOTrainConfig(BudgetConfig):
+    """PPO's budget: a step is one iteration (rollouts, scoring, `ppo.update_epochs` passes)."""
+
+    max_steps: int = Field(20, description="PPO iterations; -1 means run `epochs` passes over the prompts")
+    batch_size: int = Field(8, ge=1, description="prompts (rollouts) per iteration and process")
+    learning_rate: float = Field(5e-5, gt=0, description="learning rate of the adapter and value head")
+    save_steps: int = Field(5, ge=1, description="resumable state every N iterations")
+
+
 class PPOConfig(StageConfig):
     model: str = "sft:latest"
     reward: str = Field("reward:latest", description="reward checkpoint ref (rlhf reward)")
@@ -293,12 +312,25 @@ class PPOConfig(StageConfig):
     eval_data: str | None = Field(None, description="held-out prompts ref; default: train.eval_fraction of `data`")
     output: ArtifactName = "ppo"
     mode: Literal["lora", "qlora"] = Field("lora", description="the policy's adapter: lora, or qlora (4-bit, CUDA)")
-    lora: LoraConfig = LoraConfig()
+    lora: AdapterConfig = AdapterConfig()
     ppo: PPOHyperparameters = PPOHyperparameters()
-    train: TrainConfig = TrainConfig(max_steps=20, batch_size=8, learning_rate=5e-5, save_steps=5)
+    train: PPOTrainConfig = PPOTrainConfig()
     eval_every: int = Field(5, ge=1, description="evaluate on held-out prompts every N iterations")
     eval_prompts: int = Field(16, ge=1, description="held-out prompts per evaluation")
     samples_kept: int = Field(4, ge=0, description="sample responses kept per evaluation")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PPOConfig:
+        if self.train.batch_size % self.ppo.minibatch_size:
+            raise ValueError(f"train.batch_size={self.train.batch_size} must be a multiple of "
+                             f"ppo.minibatch_size={self.ppo.minibatch_size}")
+        # Settings the fixed controller would ignore. (Compared with the defaults, so a dumped config loads again.)
+        default = PPOHyperparameters()
+        if not self.ppo.adaptive_kl and (self.ppo.kl_target, self.ppo.kl_horizon) != (default.kl_target,
+                                                                                        default.kl_horizon):
+            raise ValueError("ppo.kl_target and ppo.kl_horizon apply only to the adaptive KL controller; "
+                             "add ppo.adaptive_kl=true or remove them")
+        return self
 
 
 class SamplingConfig(Section):

@@ -47,7 +47,8 @@ def test_ppo_raises_a_toy_reward_within_a_few_dozen_iterations(tiny_ws):
     cfg = load_config(PPOConfig, None, [
         "model=base:latest", "train.max_steps=30", "train.batch_size=16", "train.learning_rate=1e-2",
         "ppo.minibatch_size=8", "ppo.update_epochs=4", "ppo.max_new_tokens=8", "ppo.kl_coef=0.01",
-        "ppo.missing_eos_penalty=0", "ppo.temperature=1.0", "eval_every=10", "eval_prompts=16"])
+        "ppo.missing_eos_penalty=0", "ppo.temperature=1.0", "ppo.value_init=zero", "eval_every=10",
+        "eval_prompts=16"])
     art = train(cfg, store, fraction_of_target)
     m = art.manifest["metrics"]
     history = [json.loads(line) for line in (art.path / "logs" / "ppo_log.jsonl").read_text().splitlines()]
@@ -86,7 +87,8 @@ def test_a_crashed_ppo_run_resumes_from_its_saved_iteration(tiny_ws):
         return rollout.response_mask.sum(dim=1) / 8
 
     overrides = ["model=base:latest", "train.max_steps=6", "train.save_steps=2", "train.batch_size=4",
-                 "ppo.minibatch_size=2", "ppo.max_new_tokens=8", "eval_every=100", "eval_prompts=4"]
+                 "ppo.minibatch_size=2", "ppo.max_new_tokens=8", "ppo.value_init=zero", "eval_every=100",
+                 "eval_prompts=4"]
     cfg = load_config(PPOConfig, None, overrides)
     try:
         train(cfg, store, crashing_reward)
@@ -151,3 +153,53 @@ def test_a_ppo_sweep_checks_every_trial_before_the_first_trains(pref_ws, capsys,
     assert rlhf(ws, *sweep, "reward=reward:latest") == 2
     assert "train.batch_size=6 must be a multiple of ppo.minibatch_size=4" in capsys.readouterr().err
     assert not (ws / "checkpoints" / "ppo-sweep").exists()
+
+
+@pytest.mark.parametrize("key", ["train.grad_accum=2", "train.eval_steps=5", "train.logging_steps=1",
+                                 "train.gradient_checkpointing=true", "lora.dropout=0.1"])
+def test_ppo_refuses_keys_it_would_ignore(tiny_ws, capsys, key):
+    # The TRL stages' train.* and lora.* keys that PPO's own loop has no use for fail like a typo.
+    assert rlhf(tiny_ws, "ppo", "model=base:latest", key) == 2
+    err = capsys.readouterr().err
+    assert f"unknown key '{key.split('=')[0]}'" in err and "\n" not in err.strip()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.batch_size=6", "ppo.minibatch_size=4"], "train.batch_size=6 must be a multiple of ppo.minibatch_size=4"),
+    (["ppo.kl_target=3"], "ppo.kl_target and ppo.kl_horizon apply only to the adaptive KL controller"),
+])
+def test_ppo_config_contradictions_fail_in_the_validator(overrides, message):
+    from rlhf.errors import RlhfError
+
+    with pytest.raises(RlhfError, match=message):
+        load_config(PPOConfig, None, overrides)
+    load_config(PPOConfig, None, ["ppo.kl_target=3", "ppo.adaptive_kl=true"])  # consistent: fine
+
+
+def test_value_init_reward_needs_a_head_that_fits_the_policy(pref_ws, tmp_path, capsys):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import build_tiny_model
+    from rlhf.errors import RlhfError
+
+    ws = pref_ws
+    assert rlhf(ws, "data", "import", "prompts", str(DEMO_DATA / "support_prompts.jsonl")) == 0
+    assert rlhf(ws, "reward", "model=base:latest", "train.max_steps=1", "max_length=256", "bootstrap_samples=100",
+                "normalization_samples=8") == 0
+    # A policy of another width (hidden 32, not 64): the reward model's score head cannot start its value head.
+    tiny = build_tiny_model(tmp_path / "tiny")
+    config = AutoConfig.from_pretrained(tiny)
+    config.hidden_size, config.intermediate_size = 32, 64
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "narrow")
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(tmp_path / "narrow")
+    assert rlhf(ws, "base", "import", str(tmp_path / "narrow"), "--name", "narrow") == 0
+    capsys.readouterr()
+    assert rlhf(ws, "ppo", "model=narrow:latest", "reward=reward:latest") == 2
+    err = capsys.readouterr().err
+    assert "hidden size 64" in err and "hidden size 32" in err and "ppo.value_init=zero" in err
+    assert not (ws / "checkpoints" / "ppo").exists() and not list((ws / ".scratch").glob("ppo-*"))
+    # A score function of one's own has no head to copy: value_init=reward is refused, not zeroed.
+    with pytest.raises(RlhfError, match="ppo.value_init=reward needs the reward model's score head"):
+        train(load_config(PPOConfig, None, ["model=base:latest"]), ArtifactStore(ws), lambda p, t, r: None)
