@@ -151,12 +151,11 @@ def bench_pair(ws: Path, stage: str, budget: dict) -> Callable[[], dict]:
     def run() -> dict:
         from bench.__main__ import run_side
 
-        sides = {side: run_side(stage, side, ws, budget) for side in ("suite", "baseline")}
-        return {"tokens_per_s": sides["suite"]["tokens_per_s"], "baseline_tokens_per_s":
-                sides["baseline"]["tokens_per_s"], "ratio": sides["suite"]["tokens_per_s"] /
-                sides["baseline"]["tokens_per_s"], "flops_per_token": sides["suite"]["flops"] / sides["suite"]["tokens"],
-                "peak_mem_mb_suite": sides["suite"]["peak_mem_mb"], "peak_mem_mb_baseline":
-                sides["baseline"]["peak_mem_mb"]}
+        suite, baseline = (run_side(stage, side, ws, budget) for side in ("suite", "baseline"))
+        return {"tokens_per_s": suite["tokens_per_s"], "baseline_tokens_per_s": baseline["tokens_per_s"],
+                "ratio": suite["tokens_per_s"] / baseline["tokens_per_s"],
+                "flops_per_token": suite["flops"] / suite["tokens"],
+                "peak_mem_mb_suite": suite["peak_mem_mb"], "peak_mem_mb_baseline": baseline["peak_mem_mb"]}
     return run
 
 
@@ -179,18 +178,19 @@ def launched(ws: Path, config: str, *args: str, metric: str = "tokens_per_s") ->
 
 
 def checks(ws: Path, b: dict, smoke: bool) -> list[tuple[str, str | None, Callable[[], dict], str]]:
-    """(name, why it is skipped or None, run, FLOPs per token as 'lora' | 'full' | 'dpo' | '')."""
+    """(name, why it is skipped or None, run, its FLOPs-per-token formula: a `flops_per_token` key or '')."""
     steps = [f"train.max_steps={b['steps']}", f"train.batch_size={b['batch_size']}", f"max_length={b['max_length']}",
              "train.save_steps=100000", "report.to=none"]
     no_cuda = "needs CUDA" if not cuda() else None
+    from bench.__main__ import BUDGET
+
     has_deepspeed = _importable("deepspeed")
     ppo = ["ppo", "model=base:latest", "reward=reward:latest", "data=prompts:latest", "eval_data=heldout:latest",
            f"train.max_steps={b['ppo_iterations']}", f"train.batch_size={b['batch_size']}", "ppo.minibatch_size=2",
            f"ppo.max_new_tokens={b['max_new_tokens']}", f"eval_prompts={b['batch_size']}",
            f"eval_every={b['ppo_iterations']}", "train.save_steps=100000", "report.to=none"]
-    bench_budget = {"steps": b["steps"], "batch_size": b["batch_size"], "learning_rate": 2e-4,
-                    "max_length": b["max_length"], "seed": 42, "eval_fraction": 0.1, "dev_limit": 16,
-                    "rollout_prompts": b["prompts"], "max_new_tokens": b["max_new_tokens"]}
+    bench_budget = {**BUDGET, "steps": b["steps"], "batch_size": b["batch_size"], "max_length": b["max_length"],
+                    "dev_limit": 16, "rollout_prompts": b["prompts"], "max_new_tokens": b["max_new_tokens"]}
     return [
         ("sft lora", None, cli_stage(ws, "sft", "model=base:latest", "mode=lora", "output=sft-lora", *steps), "lora"),
         ("sft qlora", no_cuda, cli_stage(ws, "sft", "model=base:latest", "mode=qlora", "output=sft-qlora", *steps),
