@@ -189,7 +189,6 @@ def _ppo_setup(store: ArtifactStore, budget: dict, with_sampler: bool):
     The actor keeps fp32 weights under bf16 autocast, as `rlhf ppo` does; the sampler is its
     merged copy in the compute dtype.
     """
-    import torch
     from peft import get_peft_model
 
     from ppo.rollout import merged_sampler
@@ -201,8 +200,8 @@ def _ppo_setup(store: ArtifactStore, budget: dict, with_sampler: bool):
     tokenizer = models.load_tokenizer(base_art)
     base = models.load_causal_lm(store, base_art)
     n = matmul_params(base)
-    bf16 = models.resolve_precision("auto") == "bf16"
-    sampler = merged_sampler(base, torch.bfloat16 if bf16 else torch.float32) if with_sampler else None
+    # In the dtype `rlhf ppo` samples in: the one the machine's auto precision names.
+    sampler = merged_sampler(base, models.torch_dtype(models.resolve_precision("auto"))) if with_sampler else None
     policy = get_peft_model(base, _lora("CAUSAL_LM"))
     prompts = [r["prompt"] for r in load_rows(store.resolve("prompts:latest"), schema="prompts")]
     prompts = prompts[:budget["rollout_prompts"]]

@@ -152,6 +152,11 @@ class Run:
     totals: dict = field(default_factory=lambda: {"generation_s": 0.0, "generation_tokens": 0, "update_s": 0.0,
                                                    "update_tokens": 0, "prompts_truncated": 0, "wall_s": 0.0})
 
+    @property
+    def global_batch(self) -> int:
+        """Prompts per iteration over all processes, each taking train.batch_size of them."""
+        return self.cfg.train.batch_size * self.accelerator.num_processes
+
 
 def train(cfg: PPOConfig, store: ArtifactStore, score_fn: RewardFn, reward_artifact: Artifact | None = None,
           reward_head: tuple[torch.Tensor, torch.Tensor] | None = None, inputs: Inputs | None = None) -> Artifact | None:
@@ -208,11 +213,10 @@ def setup(cfg: PPOConfig, store: ArtifactStore, inputs: Inputs, extra_inputs: li
     model, optimizer = accelerator.prepare(model, optimizer)
     kl_ctl = (core.AdaptiveKLController(hp.kl_coef, hp.kl_target, hp.kl_horizon) if hp.adaptive_kl
               else core.FixedKLController(hp.kl_coef))
-    global_batch = cfg.train.batch_size * accelerator.num_processes
-    n_iters = cfg.train.max_steps if cfg.train.max_steps > 0 else \
-        math.ceil(cfg.train.epochs * len(inputs.train_prompts) / global_batch)
     run = Run(cfg, inputs, config, scratch, accelerator, tokenizer, model, accelerator.unwrap_model(model), optimizer,
-              sampler, kl_ctl, n_iters, start_iter=0)
+              sampler, kl_ctl, n_iters=cfg.train.max_steps, start_iter=0)
+    if cfg.train.max_steps < 0:  # -1: train.epochs passes over the prompts
+        run.n_iters = math.ceil(cfg.train.epochs * len(inputs.train_prompts) / run.global_batch)
     run.start_iter = _resume(run)
     faults.point("load")
     return run
@@ -222,7 +226,6 @@ def fit(run: Run, score_fn: RewardFn) -> None:
     """The PPO iterations, steps 1-8 each, from `run.start_iter` to `run.n_iters`."""
     cfg, hp, accelerator = run.cfg, run.cfg.ppo, run.accelerator
     model, unwrapped, tokenizer, totals = run.model, run.unwrapped, run.tokenizer, run.totals
-    global_batch = cfg.train.batch_size * accelerator.num_processes
     device = accelerator.device
     run_start, wall_before = time.perf_counter(), totals["wall_s"]  # a resumed run adds to the killed run's time
 
@@ -243,7 +246,7 @@ def fit(run: Run, score_fn: RewardFn) -> None:
             run.evals.append(evaluate(0))
     for it in range(run.start_iter, run.n_iters):
         # 1. Sample a batch of prompts (a seeded shuffle per epoch; each process takes its own slice).
-        batch = _prompt_batch(run.inputs.train_prompts, it, global_batch, cfg.train.batch_size,
+        batch = _prompt_batch(run.inputs.train_prompts, it, run.global_batch, cfg.train.batch_size,
                               accelerator.process_index, cfg.train.seed)
         prompt_ids, prompt_mask, n_cut = encode_prompts(tokenizer, batch, hp.max_prompt_length)
         totals["prompts_truncated"] += n_cut
@@ -300,7 +303,7 @@ def fit(run: Run, score_fn: RewardFn) -> None:
         # Every process holds batch_size rollouts, so the mean of the per-process means is the global mean.
         means = accelerator.reduce(torch.stack([v.detach().float().to(device) for v in local.values()]), "mean")
         record = {"iteration": it + 1, "kl_coef": run.kl_ctl.value, **dict(zip(local, means.tolist()))}
-        run.kl_ctl.update(record["kl"], global_batch)
+        run.kl_ctl.update(record["kl"], run.global_batch)
         if (it + 1) % cfg.eval_every == 0 or it + 1 == run.n_iters:
             run.evals.append(evaluate(it + 1))
             record["eval_score"] = run.evals[-1]["score"]
