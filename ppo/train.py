@@ -91,7 +91,9 @@ def check(cfg: PPOConfig, store: ArtifactStore, with_reward: bool = True) -> Inp
         if cfg.ppo.value_init == "reward":
             check_value_init(store, cfg, policy_init)
     prompts_art = store.resolve(cfg.data, kind="dataset")
-    train_prompts, eval_prompts = _prompt_sets(store, cfg, prompts_art)
+    train_rows, held_rows = rdata.prompt_sets(store, prompts_art, cfg.eval_data, cfg.train.eval_fraction,
+                                              cfg.train.seed, stage="PPO")
+    train_prompts, eval_prompts = [r["prompt"] for r in train_rows], [r["prompt"] for r in held_rows]
     return Inputs(precision, policy_init, prompts_art, train_prompts, eval_prompts)
 
 
@@ -425,22 +427,6 @@ def _evaluate(unwrapped: ActorCritic, generator: nn.Module, tokenizer, prompts: 
     scores, kls, samples = gather_object(scores), gather_object(kls), gather_object(samples)
     return {"iteration": iteration, "score": sum(scores) / len(scores), "kl": sum(kls) / len(kls),
             "samples": samples[:cfg.samples_kept]}
-
-
-def _prompt_sets(store: ArtifactStore, cfg: PPOConfig, prompts_art: Artifact) -> tuple[list, list]:
-    """Training prompts and held-out prompts (a separate dataset, or a seeded split of `data`)."""
-    rows = rdata.load_rows(prompts_art, schema="prompts")
-    if cfg.eval_data:
-        held = rdata.load_rows(store.resolve(cfg.eval_data, kind="dataset"), schema="prompts")
-        train_rows = rows
-    else:
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
-        n_eval = max(1, round(len(rows) * cfg.train.eval_fraction))
-        held, train_rows = [rows[i] for i in order[:n_eval]], [rows[i] for i in order[n_eval:]]
-    if not train_rows or not held:
-        raise RlhfError(f"{prompts_art.ref} has {len(rows)} prompts; PPO needs training prompts and held-out prompts "
-                        "(import more, or pass eval_data=<prompts ref>)")
-    return [r["prompt"] for r in train_rows], [r["prompt"] for r in held]
 
 
 def _prompt_batch(prompts: list, it: int, global_batch: int, batch_size: int, rank: int, seed: int) -> list:

@@ -10,6 +10,8 @@
     rlhf score reward=reward:latest data=candidates:latest
     rlhf dpo [--config configs/dpo.yaml] model=sft:latest data=preferences:latest
     rlhf ppo [--config configs/ppo.yaml] model=sft:latest reward=reward:latest data=prompts:latest
+    rlhf rloo [--config configs/rloo.yaml] model=sft:latest reward=reward:latest data=prompts:latest
+    rlhf grpo [--config configs/grpo.yaml] model=sft:latest reward=reward:latest data=prompts:latest
     rlhf compare sft:latest dpo:latest ppo:latest data=heldout:latest judge=gold,reward:latest
     rlhf sweep sft [--config F] lora.r=8,16 train.learning_rate=1e-4,5e-5 [--search grid|random|tpe --trials N
                    --metric eval_loss --direction minimize|maximize]
@@ -34,8 +36,8 @@ import warnings
 from typing import Callable
 
 from rlhf.artifacts import KIND_DIRS, ArtifactStore, check_name
-from rlhf.config import (PROJECT_CONFIGS, CompareConfig, DPOConfig, GenerateConfig, PPOConfig, RewardConfig,
-                         ScoreConfig, SFTConfig, describe, dump, load_config)
+from rlhf.config import (PROJECT_CONFIGS, CompareConfig, DPOConfig, GenerateConfig, GRPOConfig, PPOConfig,
+                         RewardConfig, RLOOConfig, ScoreConfig, SFTConfig, describe, dump, load_config)
 from rlhf.errors import RlhfError
 
 # stage name -> (config class, "module:function"); modules are imported only when run.
@@ -46,6 +48,8 @@ STAGES: dict[str, tuple[type, str]] = {
     "score": (ScoreConfig, "reward.score:main"),
     "dpo": (DPOConfig, "dpo.train:main"),
     "ppo": (PPOConfig, "ppo.train:main"),
+    "rloo": (RLOOConfig, "rloo.train:main"),
+    "grpo": (GRPOConfig, "grpo.train:main"),
     "compare": (CompareConfig, "rlhf.compare:main"),
 }
 

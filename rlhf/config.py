@@ -333,6 +333,53 @@ class PPOConfig(StageConfig):
         return self
 
 
+class OnlineTrainConfig(TrainConfig):
+    """The budget of rloo and grpo: a step is one optimizer step on `batch_size` prompts, each
+    answered `num_generations` times."""
+
+    max_steps: int = Field(20, description="optimizer steps; -1 means run `epochs` passes over the prompts")
+    batch_size: int = Field(4, ge=1, description="prompts per optimizer step and process (before grad_accum); "
+                                                  "each is answered num_generations times")
+    learning_rate: float = Field(5e-5, gt=0, description="learning rate of the adapter")
+    save_steps: int = Field(5, ge=1, description="trainer checkpoint for resume every N steps")
+    logging_steps: int = Field(1, ge=1, description="log reward, KL and length every N steps")
+
+
+class OnlineRLConfig(StageConfig):
+    """What rloo and grpo share: a LoRA policy samples a group of completions per prompt, the suite's
+    reward model scores them, and each completion's advantage is its reward against its group's."""
+
+    model: str = "sft:latest"
+    reward: str = Field("reward:latest", description="reward checkpoint ref (rlhf reward)")
+    data: str = Field("prompts:latest", description="prompts dataset ref")
+    eval_data: str | None = Field(None, description="held-out prompts ref; default: train.eval_fraction of `data`")
+    mode: Literal["lora", "qlora"] = Field("lora", description="the policy's adapter: lora, or qlora (4-bit, CUDA)")
+    lora: AdapterConfig = AdapterConfig()
+    train: OnlineTrainConfig = OnlineTrainConfig()
+    num_generations: int = Field(4, ge=2, description="completions sampled per prompt: the group each is compared with")
+    beta: float = Field(0.05, ge=0, description="KL coefficient toward the reference (the input policy, adapter off); "
+                                                "0 drops the KL term and its measurement")
+    temperature: float = Field(0.7, gt=0, description="sampling temperature (log-probs use it too)")
+    max_new_tokens: int = Field(48, ge=1, description="completion length limit")
+    max_prompt_length: int = Field(256, ge=8, description="prompts longer than this (in tokens, chat template "
+                                                          "included) are left out and counted")
+    missing_eos_penalty: float = Field(1.0, ge=0, description="subtracted from the reward of a completion cut off "
+                                                              "without EOS")
+    eval_prompts: int = Field(16, ge=1, description="held-out prompts answered in each evaluation")
+
+
+class RLOOConfig(OnlineRLConfig):
+    output: ArtifactName = "rloo"
+    trl: dict[str, Any] = Field(default_factory=dict, description="passed through to trl.RLOOConfig "
+                                                                  "(e.g. normalize_advantages, num_iterations)")
+
+
+class GRPOConfig(OnlineRLConfig):
+    output: ArtifactName = "grpo"
+    trl: dict[str, Any] = Field(default_factory=dict, description="passed through to trl.GRPOConfig "
+                                                                  "(e.g. loss_type, scale_rewards, num_iterations)")
+
+
 class SamplingConfig(Section):
     temperature: float = Field(0.8, ge=0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: the smallest token set with this mass")

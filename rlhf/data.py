@@ -396,6 +396,25 @@ def load_rows(artifact: Artifact, schema: str | None = None) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def prompt_sets(store: ArtifactStore, prompts: Artifact, eval_ref: str | None, eval_fraction: float, seed: int,
+                stage: str) -> tuple[list[dict], list[dict]]:
+    """Training and held-out prompt rows: every row of `prompts` and those of `eval_ref`, or a
+    seeded split of `prompts` that holds out `eval_fraction` of it (at least one row)."""
+    import torch
+
+    rows = load_rows(prompts, schema="prompts")
+    if eval_ref:
+        held, train_rows = load_rows(store.resolve(eval_ref, kind="dataset"), schema="prompts"), rows
+    else:
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_eval = max(1, round(len(rows) * eval_fraction))
+        held, train_rows = [rows[i] for i in order[:n_eval]], [rows[i] for i in order[n_eval:]]
+    if not train_rows or not held:
+        raise RlhfError(f"{prompts.ref} has {len(rows)} prompts; {stage} needs training prompts and held-out prompts "
+                        "(import more, or pass eval_data=<prompts ref>)")
+    return train_rows, held
+
+
 def split_pairs(dataset: Artifact, rows: list[dict], eval_fraction: float, seed: int, columns: list[str], stage: str):
     """A seeded (train, test) `datasets.DatasetDict` of preference pairs with `columns`.
 

@@ -513,6 +513,21 @@ SUITE_KEYS = {
 }
 
 
+def check_trl_keys(cfg, library_config: type, stage_keys: dict[str, str] | None = None) -> None:
+    """`trl:` holds only fields of `library_config`, and none the suite sets from its own keys
+    (those of every stage, and `stage_keys`: library field -> the suite key that sets it)."""
+    from rlhf.config import check_passthrough
+
+    check_passthrough("trl", cfg.trl, library_config)
+    suite = SUITE_KEYS | (stage_keys or {})
+    owned = set(trainer_kwargs(cfg.train, Path("."), "fp32", has_eval=True)) | set(suite)
+    for key in cfg.trl:
+        if key in owned:
+            instead = f"set {suite[key]}=... instead" if key in suite else "remove it"
+            raise RlhfError(f"config: trl.{key} is set by the suite itself from its own keys; {instead} "
+                            f"(`rlhf <stage> --help` lists them)")
+
+
 def prepare_inputs(cfg, store: ArtifactStore, library_config: type, schema: str,
                    task_type: str | None = None) -> Inputs:
     """Everything a TRL stage can fail on before any work: pass-through keys, mode, precision,
@@ -522,15 +537,8 @@ def prepare_inputs(cfg, store: ArtifactStore, library_config: type, schema: str,
     as well (peft options, freeze.trainable_layers).
     """
     from rlhf import data, finetune, models
-    from rlhf.config import check_passthrough
 
-    check_passthrough("trl", cfg.trl, library_config)
-    owned = set(trainer_kwargs(cfg.train, Path("."), "fp32", has_eval=True)) | set(SUITE_KEYS)
-    for key in cfg.trl:
-        if key in owned:
-            instead = f"set {SUITE_KEYS[key]}=... instead" if key in SUITE_KEYS else "remove it"
-            raise RlhfError(f"config: trl.{key} is set by the suite itself from its own keys; {instead} "
-                            f"(`rlhf <stage> --help` lists them)")
+    check_trl_keys(cfg, library_config)
     check_trackers(cfg.report.to)
     models.check_launch()
     models.check_mode(cfg.mode)

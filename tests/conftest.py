@@ -107,6 +107,27 @@ def build_tiny_arch(out: Path, arch: str, tokenizer_dir: Path, seed: int = 0) ->
     return out
 
 
+def favourite_token(store, prompts: list) -> int:
+    """The token the untrained model samples most often in its replies: a target PPO can reach.
+
+    Counted on sampled replies, with the test's own sampling settings, so the toy reward is
+    non-zero from the first batch whatever the random model's tastes are.
+    """
+    import torch
+
+    from rlhf import models
+    from rlhf.sampling import encode_prompts, sample
+
+    base = store.resolve("base:latest")
+    tok, model = models.load_tokenizer(base), models.load_causal_lm(store, base)
+    torch.manual_seed(0)
+    ids, mask, _ = encode_prompts(tok, prompts, 256)
+    rollout = sample(model, tok, ids, mask, max_new_tokens=8, temperature=1.0)
+    counts = torch.bincount(rollout.response_ids[rollout.response_mask.bool()], minlength=len(tok))
+    counts[[tok.eos_token_id, tok.pad_token_id]] = 0  # a target that ends replies would be degenerate
+    return int(counts.argmax())
+
+
 def label_of(store, user, item_id: int):
     """The user's own label for an item, read straight from the labeling store: what a test
     checks a page's "Saved" against."""

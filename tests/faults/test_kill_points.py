@@ -45,13 +45,16 @@ COMMANDS = {
     "dpo": ["dpo", "model=base:latest", *TRAIN, "max_length=256", "kl_prompts=2", "max_new_tokens=4"],
     "ppo": ["ppo", "model=base:latest", "train.max_steps=6", "train.save_steps=2", "train.batch_size=4",
             "ppo.minibatch_size=2", "ppo.update_epochs=1", "ppo.max_new_tokens=4", "eval_every=3", "eval_prompts=2"],
+    **{stage: [stage, "model=base:latest", *TRAIN, "train.batch_size=2", "num_generations=2", "max_new_tokens=4",
+               "eval_prompts=2"] for stage in ("rloo", "grpo")},
     "generate": ["generate", "model=base:latest", "k=2", "limit=4", "sampling.max_new_tokens=4"],
     "compare": ["compare", "checkpoints/base:v1", "checkpoints/other:v1", "judge=gold", "limit=4",
                 "sampling.max_new_tokens=4", "bootstrap_samples=100"],
     "label export": ["label", "export"],
 }
 # The artifact each stage publishes last: where `publish` and `published` kill it.
-OUTPUT = {"data import": "heldout", "sft": "sft", "reward": "reward", "dpo": "dpo", "ppo": "ppo",
+OUTPUT = {"data import": "heldout", "sft": "sft", "reward": "reward", "dpo": "dpo", "ppo": "ppo", "rloo": "rloo",
+          "grpo": "grpo",
           "generate": "candidates", "compare": "compare", "label export": "preferences"}
 
 # stage -> point -> (RLHF_FAULT, outcome). Outcomes: "restarted" (nothing kept), "resumed@N" (from
@@ -60,7 +63,7 @@ TRAINED = {"load": ("load", "restarted"), "mid-train": ("step-3", "resumed@2"),
            "checkpoint": ("checkpoint-4", "resumed@2")}
 MATRIX: dict[str, dict[str, tuple[str, str] | str]] = {
     **{stage: {**TRAINED, "publish": (f"publish:{stage}", "resumed@6"), "published": (f"published:{stage}", "resumed@6")}
-       for stage in ("sft", "reward", "dpo")},
+       for stage in ("sft", "reward", "dpo", "rloo", "grpo")},
     # PPO keeps no state after its last iteration, only at save_steps before it.
     "ppo": {**TRAINED, "publish": ("publish:ppo", "resumed@4"), "published": ("published:ppo", "resumed@4")},
     "data import": {"load": ("load", "restarted"), "mid-train": "N/A: no training; reading and validating the file "
@@ -78,6 +81,7 @@ MATRIX: dict[str, dict[str, tuple[str, str] | str]] = {
                      "checkpoint": "N/A: nothing to checkpoint", "publish": ("publish:preferences", "restarted"),
                      "published": ("published:preferences", "restarted")},
 }
+TRAINING = ("sft", "reward", "dpo", "ppo", "rloo", "grpo")
 CASES = [pytest.param(stage, point, id=f"{stage.replace(' ', '-')}-{point}")
          for stage, points in MATRIX.items() for point, case in points.items() if not isinstance(case, str)]
 
@@ -187,6 +191,10 @@ def same_result(art, ref) -> None:
         assert m["steps"] == r["steps"] == 6
         for key in ("train_loss", "eval_loss"):
             assert m[key] == pytest.approx(r[key], rel=1e-3), key
+    elif stage in ("rloo", "grpo"):
+        assert m["steps"] == r["steps"] == 6
+        for key in ("train_loss", "eval_reward", "eval_kl"):
+            assert m[key] == pytest.approx(r[key], rel=1e-3, abs=1e-6), key
     elif stage == "ppo":
         assert m["iterations"] == r["iterations"] == 6
         for key in ("final_kl", "eval_score", "eval_kl"):
@@ -247,8 +255,8 @@ def test_kill_then_rerun(stage, point, template, uninterrupted, tmp_path, monkey
     #    uninterrupted run ends.
     if outcome.startswith("resumed@"):
         assert resumed_from(art) == int(outcome.split("@")[1])
-    elif stage in ("sft", "reward", "dpo", "ppo"):
+    elif stage in TRAINING:
         assert resumed_from(art) is None
-    if stage in ("sft", "reward", "dpo", "ppo"):
+    if stage in TRAINING:
         assert not list(ws.glob(".scratch/*")), "a finished run removes its scratch"
     same_result(art, ref_art)

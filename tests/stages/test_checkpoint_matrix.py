@@ -30,6 +30,8 @@ REWARD = ["train.max_steps=2", "train.batch_size=4", "max_length=192", "bootstra
 DPO = ["train.max_steps=2", "train.batch_size=4", "max_length=192", "kl_prompts=2", "max_new_tokens=4"]
 PPO = ["train.max_steps=1", "train.batch_size=4", "ppo.minibatch_size=2", "ppo.max_new_tokens=6", "eval_every=100",
        "eval_prompts=2", "data=heldout:latest", "reward=reward:latest"]
+ONLINE = ["train.max_steps=1", "train.batch_size=2", "num_generations=2", "max_new_tokens=6", "eval_prompts=2",
+          "data=heldout:latest", "reward=reward:latest", "report.to=none"]
 GREEDY = ["data=heldout:latest", "k=1", "limit=3", "sampling.temperature=0", "sampling.max_new_tokens=8"]
 
 
@@ -126,6 +128,15 @@ def test_ppo_from_every_kind_of_checkpoint_starts_at_its_reference(ws, kind):
     # The first rollout is sampled before any update: policy = reference, so the KL is 0.
     assert abs(history[0]["kl"]) < 1e-4
     assert rlhf(ws, "generate", f"model={art.ref}", *GREEDY, f"output=cand-ppo-{kind}") == 0
+
+
+@pytest.mark.parametrize("stage", ["rloo", "grpo"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_rloo_and_grpo_from_every_kind_of_checkpoint_start_at_their_reference(ws, kind, stage):
+    art = run_from(ws, stage, kind, *ONLINE)
+    # The held-out evaluation before training samples from the policy = the reference: KL 0.
+    assert abs(art.manifest["metrics"]["eval_kl_initial"]) < 1e-4
+    assert rlhf(ws, "generate", f"model={art.ref}", *GREEDY, f"output=cand-{stage}-{kind}") == 0
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

@@ -7,31 +7,11 @@ import math
 
 import pytest
 
-from conftest import DEMO_DATA, rlhf, tensorboard_scalars
+from conftest import DEMO_DATA, favourite_token, rlhf, tensorboard_scalars
 from ppo.train import train
 from rlhf import models
 from rlhf.artifacts import ArtifactStore
 from rlhf.config import PPOConfig, load_config
-
-
-def favourite_token(store: ArtifactStore, prompts: list) -> int:
-    """The token the untrained model samples most often in its replies: a target PPO can reach.
-
-    Counted on sampled replies, with the test's own sampling settings, so the toy reward is
-    non-zero from the first batch whatever the random model's tastes are.
-    """
-    import torch
-
-    from rlhf.sampling import encode_prompts, sample
-
-    base = store.resolve("base:latest")
-    tok, model = models.load_tokenizer(base), models.load_causal_lm(store, base)
-    torch.manual_seed(0)
-    ids, mask, _ = encode_prompts(tok, prompts, 256)
-    rollout = sample(model, tok, ids, mask, max_new_tokens=8, temperature=1.0)
-    counts = torch.bincount(rollout.response_ids[rollout.response_mask.bool()], minlength=len(tok))
-    counts[[tok.eos_token_id, tok.pad_token_id]] = 0  # a target that ends replies would be degenerate
-    return int(counts.argmax())
 
 
 def test_ppo_raises_a_toy_reward_within_a_few_dozen_iterations(tiny_ws):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SPINE = "rlhf"
-STAGES = ("sft", "reward", "dpo", "ppo", "labeling_app")
+STAGES = ("sft", "reward", "dpo", "ppo", "rloo", "grpo", "labeling_app")
 WIRING = {"rlhf/cli.py", "rlhf/demo.py"}
 
 

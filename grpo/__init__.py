@@ -1,0 +1,1 @@
+"""`rlhf grpo`: Group Relative Policy Optimization on the suite's reward model (TRL's GRPOTrainer)."""
