@@ -33,6 +33,7 @@ from rlhf import faults, models, progress, training
 from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.config import PPOConfig, dump
 from rlhf.errors import RlhfError
+from rlhf.judges import gold_score
 from rlhf.sampling import Rollout, decode_responses, encode_prompts, forward_response, sample
 
 log = logging.getLogger(__name__)
@@ -309,6 +310,8 @@ def fit(run: Run, score_fn: RewardFn) -> None:
         if (it + 1) % cfg.eval_every == 0 or it + 1 == run.n_iters:
             run.evals.append(evaluate(it + 1))
             record["eval_score"] = run.evals[-1]["score"]
+            if "gold" in run.evals[-1]:
+                record["eval_gold"] = run.evals[-1]["gold"]
         run.history.append(record)
         accelerator.log(record, step=it + 1)
         if accelerator.is_main_process:
@@ -348,6 +351,8 @@ def publish(run: Run, store: ArtifactStore, reward_artifact: Artifact | None) ->
             "eval_score_initial": evals[0]["score"] if evals and evals[0]["iteration"] == 0 else None,
             "eval_score": evals[-1]["score"] if evals else None,
             "eval_kl": evals[-1]["kl"] if evals else None,
+            **({"eval_gold_initial": evals[0]["gold"] if evals[0]["iteration"] == 0 else None,
+                "eval_gold": evals[-1]["gold"]} if evals and "gold" in evals[-1] else {}),
             "final_kl": history[-1]["kl"] if history else None,
             "prompts_truncated": totals["prompts_truncated"],
             "generation_tokens_per_s": totals["generation_tokens"] / max(totals["generation_s"], 1e-9),
@@ -406,7 +411,7 @@ def _evaluate(unwrapped: ActorCritic, generator: nn.Module, tokenizer, prompts: 
     hp = cfg.ppo
     rng = torch.get_rng_state()
     torch.manual_seed(cfg.train.seed + accelerator.process_index)
-    scores, kls, samples = [], [], []
+    scores, kls, golds, samples = [], [], [], []
     with accelerator.split_between_processes(prompts[:cfg.eval_prompts]) as share:
         for i in range(0, len(share), cfg.train.batch_size):
             batch = share[i:i + cfg.train.batch_size]
@@ -421,12 +426,14 @@ def _evaluate(unwrapped: ActorCritic, generator: nn.Module, tokenizer, prompts: 
             s = score_fn(batch, texts, rollout).float()
             scores += s.tolist()
             kls += ((logprobs - ref) * rollout.response_mask).sum(dim=1).tolist()
+            if cfg.eval_gold:
+                golds += [gold_score(p, t) for p, t in zip(batch, texts)]
             samples += [{"prompt": p[-1]["content"], "response": t, "score": float(v)}
                         for p, t, v in zip(batch, texts, s)]
     torch.set_rng_state(rng)
-    scores, kls, samples = gather_object(scores), gather_object(kls), gather_object(samples)
+    scores, kls, golds, samples = (gather_object(x) for x in (scores, kls, golds, samples))
     return {"iteration": iteration, "score": sum(scores) / len(scores), "kl": sum(kls) / len(kls),
-            "samples": samples[:cfg.samples_kept]}
+            **({"gold": sum(golds) / len(golds)} if golds else {}), "samples": samples[:cfg.samples_kept]}
 
 
 def _prompt_batch(prompts: list, it: int, global_batch: int, batch_size: int, rank: int, seed: int) -> list:
@@ -502,12 +509,22 @@ def _save_curves(history: list[dict], evals: list[dict], out_dir) -> None:
     import matplotlib.pyplot as plt
 
     its = [r["iteration"] for r in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    gold = bool(evals) and all("gold" in e for e in evals)
+    fig, axes = plt.subplots(1, 3 if gold else 2, figsize=(13.5 if gold else 9, 3.5))
+    a, b = axes[0], axes[1]
     a.plot(its, [r["score"] for r in history], label="rollout score")
     a.plot([e["iteration"] for e in evals], [e["score"] for e in evals], "o-", label="held-out score")
     a.set_xlabel("iteration"), a.set_ylabel("normalised reward"), a.legend()
     b.plot(its, [r["kl"] for r in history], color="#c44e52")
     b.set_xlabel("iteration"), b.set_ylabel("KL to reference (nats / response)")
+    if gold:
+        # Gao et al. 2022's over-optimisation plot: the optimised proxy and a judge it never saw,
+        # against the distance from the reference.
+        kl = [e["kl"] for e in evals]
+        axes[2].plot(kl, [e["score"] for e in evals], "o-", label="reward model (optimised)")
+        axes[2].plot(kl, [e["gold"] for e in evals], "s-", label="gold scorer (never optimised)")
+        axes[2].set_xlabel("held-out KL to reference (nats)"), axes[2].set_ylabel("held-out score")
+        axes[2].legend()
     fig.tight_layout()
     fig.savefig(out_dir / "ppo_curves.png", dpi=100)
     plt.close(fig)

@@ -19,7 +19,7 @@
     rlhf artifacts list | show REF | lineage REF | verify REF
     rlhf config show STAGE [--config F] [key=value ...]   # the effective config, as YAML
     rlhf export REF DIR [--dtype bf16|fp16|fp32]          # a standalone HF checkpoint with a model card
-    rlhf demo [--quick]
+    rlhf demo [--quick] [--methods dpo,ppo,rloo,grpo]
 
 The workspace is `--workspace DIR`, else $RLHF_WORKSPACE, else ./workspace. A user error
 prints one line `error: ...` and exits 2; nothing half-written is left behind.
@@ -55,7 +55,7 @@ STAGES: dict[str, tuple[type, str]] = {
 
 
 # Training stages a sweep can search over; each publishes a checkpoint with metrics.
-SWEEPABLE = ("sft", "reward", "dpo", "ppo")
+SWEEPABLE = ("sft", "reward", "dpo", "ppo", "rloo", "grpo")
 
 # The line a stage prints last, naming what it published; the demo reads it from each job's log.
 WROTE = "wrote"
@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", parents=[common], help="run the whole loop on the packaged model and demo data")
     demo.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
+    demo.add_argument("--methods", default="dpo,ppo", metavar="M,M,...",
+                      help="the methods trained from the SFT model and compared with it: any of dpo, ppo, rloo, grpo "
+                           "(default dpo,ppo)")
     return p
 
 
@@ -262,9 +265,10 @@ def run(args: argparse.Namespace) -> int:
 
         return run_label(args, store)
     elif args.command == "demo":
-        from rlhf.demo import run_demo
+        from rlhf.demo import check_methods, run_demo
 
-        run_demo(store, quick=args.quick)
+        methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
+        run_demo(store, quick=args.quick, methods=methods)
     return 0
 
 

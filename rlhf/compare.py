@@ -330,7 +330,13 @@ def main(cfg: CompareConfig, store: ArtifactStore) -> Artifact:
         got = {r["prompt_id"]: r["responses"][0]["text"] for r in data.load_rows(art)}
         responses.texts[label] = [got.get(r["prompt_id"], "") for r in rows]
 
-    # 3. Judge every pair of models on every prompt, by each judge.
+    # 3. How far each trained policy moved from its reference, measured on these answers, so that
+    #    "better at equal KL" can be read off the report.
+    kl = {label: kl_to_reference(store, model, [r["prompt"] for r in rows], responses.texts[label],
+                                 cfg.sampling.temperature, cfg.batch_size)
+          for label, model in zip(labels, models)}
+
+    # 4. Judge every pair of models on every prompt, by each judge.
     # Votes name a model as its candidates recorded it: `name:vN` (generate) or the full ref.
     tags = {t: label for m, label in zip(models, labels) for t in (f"{m.name}:v{m.version}", m.ref)}
     results, battles_by_judge, scores_by_judge = {}, {}, {}
@@ -354,9 +360,11 @@ def main(cfg: CompareConfig, store: ArtifactStore) -> Artifact:
         for row in results[name]["leaderboard"]:
             row["mean_score"] = None if scores is None else results[name]["mean_score"][row["model"]]
             row["mean_length"] = float(np.mean(responses.words(row["model"])))
-    # 4. Publish the report.
+    # 5. Publish the report.
     metrics = {"models": {m: a.ref for m, a in zip(labels, models)}, "prompts": prompts_art.ref,
                "n_prompts": len(rows), "mean_length": {m: float(np.mean(responses.words(m))) for m in labels},
+               "kl_to_reference": kl,
+               "references": {m: (a.input("reference") or {}).get("ref") for m, a in zip(labels, models)},
                "judges": results, "judge_agreement": judge_agreement(battles_by_judge)}
     with store.create("report", cfg.output, stage="compare", config=dump(cfg)) as w:
         for label, model in zip(labels, models):
@@ -369,6 +377,40 @@ def main(cfg: CompareConfig, store: ArtifactStore) -> Artifact:
         w.metrics.update(metrics)
     print((w.result.path / "summary.md").read_text())
     return w.result
+
+
+def kl_to_reference(store: ArtifactStore, model: Artifact, prompts: list, texts: list[str], temperature: float,
+                    batch_size: int) -> float | None:
+    """Mean over prompts of Σ_t [log π(y_t) − log π_ref(y_t)] on the model's own answers y ~ π: an
+    estimate of KL(π ‖ π_ref) per response, in nats. None for a model trained without a reference
+    (base, sft).
+
+    π_ref is the checkpoint the model's manifest names as its reference (dpo, ppo, rloo and grpo
+    record the policy they started from). Both are read at the sampling temperature, so this is
+    the KL between the distributions the answers were drawn from; at temperature 0 (greedy
+    answers, one point mass) it is not defined and is left out.
+    """
+    import torch
+
+    from rlhf import models, progress
+    from rlhf.sampling import forward_response, rollout_of_texts
+
+    ref = (model.input("reference") or {}).get("ref")
+    if ref is None or temperature == 0:
+        return None
+    reference = store.resolve(ref, kind="checkpoint")
+    tokenizer = models.load_tokenizer(model)
+    batches = [rollout_of_texts(tokenizer, prompts[i:i + batch_size], texts[i:i + batch_size], 1024)
+               for i in range(0, len(texts), batch_size)]
+    precision, sums = models.resolve_precision("auto"), []
+    with progress.phase(f"compare: KL of {model.ref} to its reference {reference.ref}"):
+        for art in (model, reference):  # one model in memory at a time
+            net = models.for_inference(models.load_causal_lm(store, art, sampling_only=True), precision)
+            with torch.inference_mode():
+                sums.append(torch.cat([(forward_response(net, b, temperature)["logprobs"].cpu()
+                                        * b.response_mask).sum(1) for b in batches]))
+            del net
+    return float((sums[0] - sums[1]).mean())
 
 
 def _check_judges(store: ArtifactStore, judges: list[str]) -> dict[str, Artifact]:

@@ -318,6 +318,10 @@ class PPOConfig(StageConfig):
     eval_every: int = Field(5, ge=1, description="evaluate on held-out prompts every N iterations")
     eval_prompts: int = Field(16, ge=1, description="held-out prompts per evaluation")
     samples_kept: int = Field(4, ge=0, description="sample responses kept per evaluation")
+    eval_gold: bool = Field(False, description="also score held-out answers with the demo's gold scorer "
+                                           "(rlhf.judges.gold_score), which training never sees: the reward model's "
+                                           "score beside it shows over-optimisation (Gao et al. 2022); meaningful on "
+                                           "the demo's support domain only")
 
     @model_validator(mode="after")
     def _consistent(self) -> PPOConfig:
@@ -366,6 +370,10 @@ class OnlineRLConfig(StageConfig):
     missing_eos_penalty: float = Field(1.0, ge=0, description="subtracted from the reward of a completion cut off "
                                                               "without EOS")
     eval_prompts: int = Field(16, ge=1, description="held-out prompts answered in each evaluation")
+    eval_gold: bool = Field(False, description="also score held-out answers with the demo's gold scorer "
+                                           "(rlhf.judges.gold_score), which training never sees: the reward model's "
+                                           "score beside it shows over-optimisation (Gao et al. 2022); meaningful on "
+                                           "the demo's support domain only")
 
 
 class RLOOConfig(OnlineRLConfig):

@@ -5,7 +5,9 @@
     prompts, judged by the gold scorer and by the reward model -> the report
 
 Every step writes new artifact versions; nothing is overwritten. `--quick` runs the same
-path with tiny sizes as a smoke test. The sizes below are chosen for a 2-core CPU.
+path with tiny sizes as a smoke test. `--methods dpo,ppo,rloo,grpo` trains each named method
+from the same SFT model, reward model and prompts, and compares them all in one report. The
+sizes below are chosen for a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.config import CompareConfig, GenerateConfig, SFTConfig, dump, load_config
 
 ANNOTATORS = [f"annotator-{i}" for i in range(1, 6)]
+# The methods that start from the SFT model; the default keeps the demo within its time budget.
+METHODS = ("dpo", "ppo", "rloo", "grpo")
+DEFAULT_METHODS = ("dpo", "ppo")
 
 SIZES = {
     "full": {
@@ -33,7 +38,10 @@ SIZES = {
         # A zero-initialised critic: the reward model's score head, read off the policy's own
         # hidden states, starts with a negative explained variance at this budget.
         "ppo": ["train.max_steps=16", "train.batch_size=16", "train.learning_rate=3e-4", "ppo.minibatch_size=8",
-                "ppo.max_new_tokens=48", "ppo.value_init=zero", "eval_every=8", "eval_prompts=8"],
+                "ppo.max_new_tokens=48", "ppo.value_init=zero", "eval_every=8", "eval_prompts=8", "eval_gold=true"],
+        # The same 256 sampled responses of 48 tokens as PPO: 16 steps x 4 prompts x 4 completions.
+        **{method: ["train.max_steps=16", "train.batch_size=4", "num_generations=4", "train.learning_rate=3e-4",
+                    "max_new_tokens=48", "eval_prompts=8", "eval_gold=true"] for method in ("rloo", "grpo")},
         "compare": ["sampling.max_new_tokens=64"],
     },
     "quick": {
@@ -45,7 +53,9 @@ SIZES = {
         "dpo": ["train.max_steps=2", "train.batch_size=4", "max_length=192", "kl_prompts=2", "max_new_tokens=8",
                 "train.eval_fraction=0.2"],
         "ppo": ["train.max_steps=2", "train.batch_size=4", "ppo.minibatch_size=2", "ppo.max_new_tokens=12",
-                "eval_every=2", "eval_prompts=4"],
+                "eval_every=2", "eval_prompts=4", "eval_gold=true"],
+        **{method: ["train.max_steps=2", "train.batch_size=2", "num_generations=2", "max_new_tokens=12",
+                    "eval_prompts=4", "eval_gold=true"] for method in ("rloo", "grpo")},
         "compare": ["limit=12", "sampling.max_new_tokens=16", "bootstrap_samples=200"],
     },
 }
@@ -60,7 +70,20 @@ def _step(n: int, total: int, title: str, timings: dict[str, float]) -> Iterator
     print(f"[{n}/{total}] {title}: done in {timings[title]:.1f}s", flush=True)
 
 
-def run_demo(store: ArtifactStore, quick: bool = False, seed: int = 0) -> dict[str, float]:
+def check_methods(methods: list[str]) -> tuple[str, ...]:
+    """The methods to train, in the order given; an unknown or repeated one fails before any work."""
+    from rlhf.errors import RlhfError
+
+    if unknown := [m for m in methods if m not in METHODS]:
+        raise RlhfError(f"--methods: {unknown[0]!r} is not a method the demo trains; choose from "
+                        f"{', '.join(METHODS)} (sft is always trained and compared)")
+    if not methods or len(set(methods)) < len(methods):
+        raise RlhfError(f"--methods needs each method once, e.g. --methods {','.join(METHODS)}")
+    return tuple(methods)
+
+
+def run_demo(store: ArtifactStore, quick: bool = False, seed: int = 0,
+             methods: tuple[str, ...] = DEFAULT_METHODS) -> dict[str, float]:
     from labeling_app.export import export
     from labeling_app.labels import load_task_set
     from labeling_app.simulated import run_annotators
@@ -122,38 +145,39 @@ def run_demo(store: ArtifactStore, quick: bool = False, seed: int = 0) -> dict[s
         return Job("generate", lambda done: flat_overrides(dump(answers_config(probe, done.get(role, sft), heldout))),
                    after=(role,) if role != "sft" else ())
 
-    with _step(7, total, "reward, dpo, ppo and the held-out answers, two stages at a time", timings):
-        # ppo needs the reward model, and is the longest stage: reward -> ppo is the critical
-        # path, so reward runs first on every core. Then ppo runs beside dpo and the answer
-        # sets: on a small CPU two single-threaded stages side by side finish sooner than the
-        # same stages one after the other on every core.
+    # The reward-model methods: each trains on the prompts, is evaluated on the held-out ones.
+    online = lambda method: Job(method, lambda d: [
+        f"model={sft.ref}", f"reward={d['reward'].ref}", f"data={prompts.ref}", f"eval_data={heldout.ref}",
+        *seed_args, *size[method]], after=("reward",))
+    method_jobs = {
+        "dpo": Job("dpo", lambda d: [f"model={sft.ref}", f"data={preferences.ref}", *seed_args, *size["dpo"]]),
+        "ppo": online("ppo"), "rloo": online("rloo"), "grpo": online("grpo"),
+    }
+    names = ", ".join(["reward", *methods])
+    with _step(7, total, f"{names} and the held-out answers, two stages at a time", timings):
+        # The reward model is needed by every method but DPO, and by compare: it is the critical
+        # path, so it runs first on every core. Then the methods run beside each other and the
+        # answer sets: on a small CPU two single-threaded stages side by side finish sooner
+        # than the same stages one after the other on every core.
         done = _run_jobs(store, {
             "reward": Job("reward", lambda d: [f"model={sft.ref}", f"data={preferences.ref}", *seed_args,
                                                  *size["reward"]], alone=True),
-            "dpo": Job("dpo", lambda d: [f"model={sft.ref}", f"data={preferences.ref}", *seed_args,
-                                           *size["dpo"]]),
-            "ppo": Job("ppo", lambda d: [f"model={sft.ref}", f"reward={d['reward'].ref}", f"data={prompts.ref}",
-                                           f"eval_data={heldout.ref}", *seed_args, *size["ppo"]], after=("reward",)),
+            **{method: method_jobs[method] for method in methods},
             "answers-sft": answers("sft"),
-            "answers-dpo": answers("dpo"),
-            "answers-ppo": answers("ppo"),
+            **{f"answers-{method}": answers(method) for method in methods},
         }, timings)
-        reward, dpo, ppo = done["reward"], done["dpo"], done["ppo"]
+        reward = done["reward"]
         m = reward.manifest["metrics"]
         lo, hi = m["eval_accuracy_ci95"]
         print(f"  {reward.ref}: held-out accuracy {m['eval_accuracy']:.3f} (95% CI {lo:.3f}–{hi:.3f}), "
               f"ECE {m['eval_ece']:.3f}")
-        m = dpo.manifest["metrics"]
-        print(f"  {dpo.ref}: held-out reward accuracy {m['eval_reward_accuracy_initial']:.3f} -> "
-              f"{m['eval_reward_accuracy']:.3f}, KL to reference {m['eval_kl_to_reference']:.3f}")
-        m = ppo.manifest["metrics"]
-        print(f"  {ppo.ref}: held-out reward-model score {m['eval_score_initial']:.3f} (SFT) -> "
-              f"{m['eval_score']:.3f}, KL {m['eval_kl']:.3f}; generation {m['generation_tokens_per_s']:.0f} tok/s, "
-              f"update {m['update_tokens_per_s']:.0f} tok/s")
-    with _step(8, total, "compare sft, dpo and ppo on held-out prompts (gold judge and reward model)", timings):
+        for method in methods:
+            print(f"  {done[method].ref}: {_method_line(done[method].manifest['metrics'])}")
+    with _step(8, total, f"compare sft, {', '.join(methods)} on held-out prompts (gold judge and reward model)",
+               timings):
         report = compare_main(load_config(CompareConfig, None, [
-            f"models={json.dumps([sft.ref, dpo.ref, ppo.ref])}", f"judge=gold,reward:{reward.ref}",
-            *compare_args]), store)
+            f"models={json.dumps([sft.ref, *(done[method].ref for method in methods)])}",
+            f"judge=gold,reward:{reward.ref}", *compare_args]), store)
 
     _summary(store, timings, report)
     return timings
@@ -260,6 +284,20 @@ def _run_jobs(store: ArtifactStore, jobs: dict[str, Job], timings: dict[str, flo
         for proc, _, _ in running.values():
             proc.terminate()
             proc.wait()
+
+
+def _method_line(m: dict) -> str:
+    """What a trained method's manifest says about its held-out result, in one line."""
+    if "eval_reward_accuracy" in m:  # dpo
+        return (f"held-out reward accuracy {m['eval_reward_accuracy_initial']:.3f} -> {m['eval_reward_accuracy']:.3f}, "
+                f"KL to reference {m['eval_kl_to_reference']:.3f}")
+    if "eval_score" in m:  # ppo
+        return (f"held-out reward-model score {m['eval_score_initial']:.3f} (SFT) -> {m['eval_score']:.3f}, KL "
+                f"{m['eval_kl']:.3f}; generation {m['generation_tokens_per_s']:.0f} tok/s, update "
+                f"{m['update_tokens_per_s']:.0f} tok/s")
+    # rloo, grpo
+    return (f"held-out reward-model score {m['eval_reward_initial']:.3f} (SFT) -> {m['eval_reward']:.3f}, "
+            f"KL {_fmt(m['eval_kl'])}, {m['tokens_per_s']:.0f} tok/s")
 
 
 def _fmt(x: float | None) -> str:

@@ -31,7 +31,7 @@ ScoreFn = Callable[[list, list[str], list[list[int]]], Sequence[float]]
 
 # TRL fields the online stages set from their own keys (beyond those every TRL stage sets).
 STAGE_KEYS = {"num_generations": "num_generations", "num_generations_eval": "num_generations", "beta": "beta",
-              "temperature": "temperature", "max_completion_length": "max_new_tokens"}
+              "temperature": "temperature", "max_completion_length": "max_new_tokens", "reward_weights": "eval_gold"}
 
 
 @dataclass
@@ -74,9 +74,9 @@ def check(cfg: OnlineRLConfig, store: ArtifactStore, library_config: type, stage
         kept.append([r for r, n in zip(rows, lengths) if n <= cfg.max_prompt_length])
     too_long = len(train_rows) + len(eval_rows) - len(kept[0]) - len(kept[1])
     if not kept[0] or not kept[1]:
-        side = "training" if not kept[0] else "held-out"
-        raise RlhfError(f"every {side} prompt of {prompts.ref if side == 'training' or not cfg.eval_data else cfg.eval_data}"
-                        f" is longer than max_prompt_length={cfg.max_prompt_length} tokens; raise max_prompt_length")
+        side, source = ("training", prompts.ref) if not kept[0] else ("held-out", cfg.eval_data or prompts.ref)
+        raise RlhfError(f"every {side} prompt of {source} is longer than max_prompt_length={cfg.max_prompt_length} "
+                        "tokens; raise max_prompt_length")
     return Inputs(precision, policy, reward, prompts, kept[0], kept[1][:cfg.eval_prompts], too_long)
 
 
@@ -97,6 +97,13 @@ class RewardFunction:
         scores = self.score(prompts, texts, completion_ids)
         return [float(s) - (self.missing_eos_penalty if not ids or ids[-1] not in self.eos_ids else 0.0)
                 for s, ids in zip(scores, completion_ids)]
+
+
+def gold(prompts: list, completions: list, **_) -> list[float]:
+    """The demo's gold scorer as a TRL reward function; given weight 0, it is logged, never optimised."""
+    from rlhf.judges import gold_score
+
+    return [gold_score(p, c[-1]["content"] if isinstance(c, list) else c) for p, c in zip(prompts, completions)]
 
 
 def reward_model_score(store: ArtifactStore, ref: str, batch_size: int) -> tuple[ScoreFn, Artifact]:
@@ -140,11 +147,14 @@ def train(cfg: OnlineRLConfig, store: ArtifactStore, stage: str, trainer_class: 
     completions = cfg.train.batch_size * cfg.num_generations
     kwargs = training.trainer_kwargs(cfg.train, scratch, inputs.precision, has_eval=True, report_to=cfg.report.to)
     kwargs.update(per_device_train_batch_size=completions, per_device_eval_batch_size=completions)
+    # With eval_gold the gold scorer rides along at weight 0: TRL logs it beside the reward, per
+    # step and held out, and the advantages are the reward model's alone.
+    reward_funcs, weights = ([reward_fn, gold], [1.0, 0.0]) if cfg.eval_gold else ([reward_fn], None)
     args = library_config(**kwargs, num_generations=cfg.num_generations, num_generations_eval=cfg.num_generations,
                           beta=cfg.beta, temperature=cfg.temperature, max_completion_length=cfg.max_new_tokens,
-                          **cfg.trl)
+                          reward_weights=weights, **cfg.trl)
     columns = lambda rows: Dataset.from_list([{"prompt": r["prompt"], "prompt_id": r["prompt_id"]} for r in rows])
-    trainer = trainer_class(model=model, reward_funcs=reward_fn, args=args, train_dataset=columns(inputs.train_rows),
+    trainer = trainer_class(model=model, reward_funcs=reward_funcs, args=args, train_dataset=columns(inputs.train_rows),
                             eval_dataset=columns(inputs.eval_rows), processing_class=tokenizer,
                             peft_config=peft_config)
     _seeded_evaluations(trainer, cfg.train.seed)
@@ -172,8 +182,11 @@ def train(cfg: OnlineRLConfig, store: ArtifactStore, stage: str, trainer_class: 
         if cfg.eval_data:
             w.add_input("eval_data", store.resolve(cfg.eval_data, kind="dataset"))
         w.metrics.update({
-            "eval_reward_initial": initial.get("eval_reward"),
-            "eval_reward": final.get("eval_reward"),
+            # The reward model's score alone (TRL's `reward` is the weighted sum, the same here).
+            "eval_reward_initial": initial.get("eval_rewards/reward/mean"),
+            "eval_reward": final.get("eval_rewards/reward/mean"),
+            **({"eval_gold_initial": initial.get("eval_rewards/gold/mean"),
+                "eval_gold": final.get("eval_rewards/gold/mean")} if cfg.eval_gold else {}),
             "eval_kl_initial": initial.get("eval_kl"),
             "eval_kl": final.get("eval_kl"),
             "eval_length_initial": initial.get("eval_completions/mean_length"),

@@ -24,6 +24,10 @@ def _ci(ci: list[float] | None, fmt=pct) -> str:
 def summary_markdown(metrics: dict[str, Any]) -> str:
     lines = [f"# Compare: {', '.join(metrics['models'])} on {metrics['n_prompts']} prompts of {metrics['prompts']}",
              ""]
+    if kl_rows := _kl_rows(metrics):
+        lines += ["| model | KL to its reference (nats per response) | reference |", "|---|---:|---|"]
+        lines += [f"| {' | '.join(row)} |" for row in kl_rows]
+        lines.append("")
     for judge, res in metrics["judges"].items():
         lines += [f"## Judge: {judge}", ""]
         if res["leaderboard"]:
@@ -47,6 +51,15 @@ def summary_markdown(metrics: dict[str, Any]) -> str:
         lines.append("")
     lines.append("Win-rates count ties as half. CIs are 95% bootstrap intervals. Lengths are in words.")
     return "\n".join(lines) + "\n"
+
+
+def _kl_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    """[model, KL, reference] for each model trained against a reference; none when no model was."""
+    kl = metrics.get("kl_to_reference") or {}
+    if all(v is None for v in kl.values()):
+        return []
+    refs = metrics.get("references", {})
+    return [[m, "n/a" if kl.get(m) is None else f"{kl[m]:.3f}", refs.get(m) or "none"] for m in metrics["models"]]
 
 
 def _plots(out: Path, metrics: dict[str, Any]) -> list[Path]:
@@ -114,6 +127,8 @@ def write_report(out: Path, metrics: dict[str, Any], responses, scores_by_judge:
     plots = _plots(out / "plots", metrics)
 
     parts = [f"<h1>{html.escape(summary.splitlines()[0].lstrip('# '))}</h1>"]
+    if kl_rows := _kl_rows(metrics):
+        parts.append(_table(["model", "KL to its reference (nats per response)", "reference"], kl_rows))
     for judge, res in metrics["judges"].items():
         parts.append(f"<h2>Judge: {html.escape(judge)}</h2>")
         if res["leaderboard"]:

@@ -168,6 +168,18 @@ def forward_response(model, rollout: Rollout, temperature: float = 1.0,
     return result
 
 
+def rollout_of_texts(tokenizer, prompts: list[Messages], responses: list[str], max_prompt_length: int) -> Rollout:
+    """A Rollout of responses given as text: each re-tokenised (no special tokens), right-padded.
+
+    For scoring answers sampled earlier (compare's KL to the reference); re-tokenising decoded
+    text gives the sampled ids back except where the tokenizer would have merged differently.
+    """
+    prompt_ids, prompt_mask, _ = encode_prompts(tokenizer, prompts, max_prompt_length)
+    ids = [tokenizer(r, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id] for r in responses]
+    response_ids, mask = pad(ids, tokenizer.pad_token_id, side="right")
+    return Rollout(prompt_ids, prompt_mask, response_ids, mask.float(), torch.zeros(len(ids), dtype=torch.bool))
+
+
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
     return [t.strip() for t in tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)]
 

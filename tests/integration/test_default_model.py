@@ -75,9 +75,16 @@ def test_quick_demo_runs_end_to_end_and_the_policy_traces_back_to_every_input(tm
     assert set(m["judges"]) == {"gold", "reward:checkpoints/reward:v1"} and m["n_prompts"] == 12
     assert len(m["judges"]["gold"]["leaderboard"]) == 3
     assert "leaderboard, judged by the gold scorer" in out and str(report.path / "report.html") in out
-    # Running it again makes new versions and overwrites nothing.
-    assert rlhf(ws, "demo", "--quick") == 0
+    # Running it again makes new versions and overwrites nothing; --methods adds RLOO and GRPO,
+    # trained from the same SFT and reward model and compared with the others in one report.
+    assert rlhf(ws, "demo", "--quick", "--methods", "dpo,ppo,rloo,grpo") == 0
     assert store.resolve("reports/compare:latest").version == 2 and store.resolve("ppo:latest").version == 2
+    m = store.resolve("reports/compare:latest").manifest["metrics"]
+    assert list(m["models"]) == ["sft", "dpo", "ppo", "rloo", "grpo"]
+    assert len(m["judges"]["gold"]["leaderboard"]) == 5
+    for method in ("rloo", "grpo"):
+        roles = {i["role"]: i["ref"] for i in store.resolve(f"{method}:latest").manifest["inputs"]}
+        assert roles["model"] == "checkpoints/sft:v2" and roles["reward"] == "checkpoints/reward:v2"
 
 
 def test_reward_on_real_hh_rows_then_score_normalises_to_zero_mean(real_ws, tmp_path):

@@ -69,17 +69,29 @@ def test_the_cli_scores_with_a_reward_checkpoint_and_its_policy_generates(pref_w
     assert rlhf(ws, "reward", "train.max_steps=2", "report.to=none") == 0
     capsys.readouterr()
     assert rlhf(ws, stage, "train.max_steps=2", "train.batch_size=2", "num_generations=2", "max_new_tokens=8",
-                "eval_prompts=4", "report.to=none") == 0
+                "eval_prompts=4", "report.to=none", "eval_gold=true") == 0
     out = capsys.readouterr().out
     assert f"wrote checkpoints/{stage}:v1" in out and out.strip().splitlines()[-1].startswith(f"{stage}: ")
     art = ArtifactStore(ws).resolve(f"{stage}:latest", kind="checkpoint")
     roles = {i["role"]: i["ref"] for i in art.manifest["inputs"]}
     assert roles["reward"] == "checkpoints/reward:v1" and roles["model"] == "checkpoints/sft:v1"
-    # The normalised reward-model score is what was optimised and measured.
-    assert isinstance(art.manifest["metrics"]["eval_reward"], float)
+    # The normalised reward-model score is what was optimised and measured; the gold scorer rode
+    # along at weight 0, logged every step and held out.
+    m = art.manifest["metrics"]
+    assert all(isinstance(m[k], float) for k in ("eval_reward", "eval_gold_initial", "eval_gold"))
+    log = [json.loads(line) for line in (art.path / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert all("rewards/gold/mean" in e for e in log if "reward" in e and "eval_reward" not in e)
     assert rlhf(ws, "generate", f"model={stage}:latest", "data=prompts:latest", "k=1", "limit=2",
                 "sampling.max_new_tokens=4", f"output=from-{stage}") == 0
     assert rlhf(ws, "artifacts", "verify", f"{stage}:latest") == 0
+    # A sweep over the KL coefficient, ranked by the held-out reward; beta=0 drops the KL term.
+    assert rlhf(ws, "sweep", stage, "beta=0,0.1", "train.max_steps=1", "train.batch_size=2", "num_generations=2",
+                "max_new_tokens=4", "eval_prompts=2", "report.to=none", "--metric", "eval_reward") == 0
+    sweep = ArtifactStore(ws).resolve("reports/sweep:latest")
+    trials = [ArtifactStore(ws).resolve(i["ref"]) for i in sweep.manifest["inputs"] if i["role"] == "trial"]
+    assert sweep.manifest["metrics"]["trials"] == 2 and [t.manifest["config"]["beta"] for t in trials] == [0, 0.1]
+    kls = [t.manifest["metrics"]["eval_kl"] for t in trials]
+    assert kls[0] is None and isinstance(kls[1], float)
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +139,30 @@ def test_bad_input_fails_in_one_line_before_loading_and_leaves_nothing(reward_ws
     assert says in err and "\n" not in err, err
     assert not (reward_ws / "checkpoints" / stage).exists()
     assert not any((reward_ws / ".scratch").glob(f"{stage}-*"))
+
+
+def test_compare_reports_each_policys_kl_to_its_reference(prompts_ws):
+    """A policy that did not move is at KL 0 from its reference; one that learned is not; SFT-like
+    checkpoints without a reference have none."""
+    store = ArtifactStore(prompts_ws)
+    prompts = [json.loads(line)["prompt"] for line in (DEMO_DATA / "support_prompts.jsonl").read_text().splitlines()]
+    target = favourite_token(store, prompts[:32])
+
+    def fraction_of_target(prompts, texts, completion_ids):
+        return [sum(t == target for t in ids) / max(len(ids), 1) for ids in completion_ids]
+
+    common = ["model=base:latest", "train.max_steps=8", "train.batch_size=4", "max_new_tokens=8", "temperature=1.0",
+              "missing_eos_penalty=0", "eval_prompts=4", "report.to=none"]
+    for output, lr in (("still", "1e-12"), ("moved", "1e-2")):
+        main_of("grpo")(load_config(GRPOConfig, None, [*common, f"output={output}", f"train.learning_rate={lr}"]),
+                        store, score=fraction_of_target)
+    assert rlhf(prompts_ws, "compare", "checkpoints/base:v1", "still:latest", "moved:latest", "data=prompts:latest",
+                "judge=gold", "limit=16", "sampling.temperature=1.0", "sampling.max_new_tokens=8",
+                "bootstrap_samples=100") == 0
+    report = store.resolve("reports/compare:latest")
+    kl = report.manifest["metrics"]["kl_to_reference"]
+    assert kl["base"] is None
+    assert kl["still"] == pytest.approx(0, abs=1e-6)  # the same weights: every log-ratio is 0
+    # The learned policy samples its favourite token far more often than the reference would.
+    assert kl["moved"] > 0.5, kl
+    assert "| moved | " in (report.path / "summary.md").read_text()

@@ -28,7 +28,7 @@ def test_ppo_raises_a_toy_reward_within_a_few_dozen_iterations(tiny_ws):
         "model=base:latest", "train.max_steps=30", "train.batch_size=16", "train.learning_rate=1e-2",
         "ppo.minibatch_size=8", "ppo.update_epochs=4", "ppo.max_new_tokens=8", "ppo.kl_coef=0.01",
         "ppo.missing_eos_penalty=0", "ppo.temperature=1.0", "ppo.value_init=zero", "eval_every=10",
-        "eval_prompts=16"])
+        "eval_prompts=16", "eval_gold=true"])
     art = train(cfg, store, fraction_of_target)
     m = art.manifest["metrics"]
     history = [json.loads(line) for line in (art.path / "logs" / "ppo_log.jsonl").read_text().splitlines()]
@@ -41,6 +41,10 @@ def test_ppo_raises_a_toy_reward_within_a_few_dozen_iterations(tiny_ws):
     assert len(history) == 30 and {"clipfrac", "approx_kl", "value_loss", "entropy", "explained_variance",
                                     "response_length"} <= set(history[0])
     assert (art.path / "logs" / "ppo_curves.png").is_file()
+    # The gold scorer, never optimised, is measured at every evaluation beside the toy reward.
+    evals = [json.loads(line) for line in (art.path / "logs" / "evals.jsonl").read_text().splitlines()]
+    assert [e["iteration"] for e in evals] == [0, 10, 20, 30] and all(isinstance(e["gold"], float) for e in evals)
+    assert m["eval_gold_initial"] == evals[0]["gold"] and m["eval_gold"] == evals[-1]["gold"]
     # The same curves reach TensorBoard (report.to's default) through accelerate, inside the artifact.
     curves = tensorboard_scalars(art.path / "logs")
     assert sorted(curves["score"]) == list(range(1, 31))

@@ -37,6 +37,8 @@ TINY = {
     "dpo": ["train.max_steps=2", "train.batch_size=4", "max_length=192", "kl_prompts=2", "max_new_tokens=4"],
     "ppo": ["train.max_steps=1", "train.batch_size=4", "ppo.minibatch_size=2", "ppo.max_new_tokens=6",
             "eval_every=100", "eval_prompts=2"],
+    **{stage: ["train.max_steps=1", "train.batch_size=2", "num_generations=2", "max_new_tokens=6", "eval_prompts=2"]
+       for stage in ("rloo", "grpo")},
     "generate": ["limit=4", "sampling.max_new_tokens=8"],
     "compare": ["limit=4", "sampling.max_new_tokens=8", "bootstrap_samples=100"],
 }
@@ -65,6 +67,10 @@ README: dict[str, dict[str, list]] = {
             "dpo --config configs/dpo.yaml model=sft:latest data=preferences:latest"],
         "rlhf ppo [--config configs/ppo.yaml] model=sft:latest reward=reward:latest data=prompts:latest": [
             "ppo --config configs/ppo.yaml model=sft:latest reward=reward:latest data=prompts:latest"],
+        "rlhf rloo [--config configs/rloo.yaml] model=sft:latest reward=reward:latest data=prompts:latest": [
+            "rloo --config configs/rloo.yaml model=sft:latest reward=reward:latest data=prompts:latest"],
+        "rlhf grpo [--config configs/grpo.yaml] model=sft:latest reward=reward:latest data=prompts:latest": [
+            "grpo --config configs/grpo.yaml model=sft:latest reward=reward:latest data=prompts:latest"],
         "rlhf compare sft:latest dpo:latest ppo:latest data=heldout:latest judge=gold,reward:latest": [
             "compare sft:latest dpo:latest ppo:latest data=heldout:latest judge=gold,reward:latest"],
         "rlhf artifacts list | show REF | lineage REF | verify REF": [
@@ -73,7 +79,8 @@ README: dict[str, dict[str, list]] = {
                                                                  "config show dpo --config configs/dpo.yaml beta=0.2"],
         "rlhf export REF DIR [--dtype bf16|fp16|fp32]": ["export ppo:latest served-synopsis",
                                                          "export sft:latest served-sft --dtype fp32"],
-        "rlhf demo [--quick]": [ELSEWHERE, "tests/integration/test_default_model.py runs rlhf demo --quick"],
+        "rlhf demo [--quick] [--methods dpo,ppo,rloo,grpo]": [
+            ELSEWHERE, "tests/integration/test_default_model.py runs rlhf demo --quick, then with --methods"],
         # A typical SFT run on your own data, in a workspace of its own as a new user starts
         # (here `sft` would also name the synopsis' dataset, and the ref would be ambiguous).
         "rlhf data import sft my_support_chats.jsonl --name support": [

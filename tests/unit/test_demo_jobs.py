@@ -71,3 +71,14 @@ def test_every_demo_size_preset_loads_with_its_stage_config(size):
             continue
         models = [f"models={json.dumps(['a:v1', 'b:v1'])}"] if stage == "compare" else []
         load_config(STAGES[stage][0], None, [*models, *overrides])
+
+
+@pytest.mark.parametrize("methods, says", [("dpo,sft", "'sft' is not a method"), ("ppo,ppo", "each method once"),
+                                           ("", "each method once")])
+def test_a_bad_methods_list_fails_in_one_line_before_any_work(tmp_path, capsys, methods, says):
+    from conftest import rlhf
+
+    assert rlhf(tmp_path / "ws", "demo", "--quick", "--methods", methods) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and "\n" not in err, err
+    assert not (tmp_path / "ws").exists() or not any((tmp_path / "ws").iterdir())
