@@ -93,8 +93,7 @@ class RewardFunction:
         self.score, self.eos_ids, self.missing_eos_penalty = score, eos_ids, missing_eos_penalty
 
     def __call__(self, prompts: list, completions: list, completion_ids: list[list[int]], **_) -> list[float]:
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        scores = self.score(prompts, texts, completion_ids)
+        scores = self.score(prompts, [_text(c) for c in completions], completion_ids)
         return [float(s) - (self.missing_eos_penalty if not ids or ids[-1] not in self.eos_ids else 0.0)
                 for s, ids in zip(scores, completion_ids)]
 
@@ -103,7 +102,7 @@ def gold(prompts: list, completions: list, **_) -> list[float]:
     """The demo's gold scorer as a TRL reward function; given weight 0, it is logged, never optimised."""
     from rlhf.judges import gold_score
 
-    return [gold_score(p, c[-1]["content"] if isinstance(c, list) else c) for p, c in zip(prompts, completions)]
+    return [gold_score(p, _text(c)) for p, c in zip(prompts, completions)]
 
 
 def reward_model_score(store: ArtifactStore, ref: str, batch_size: int) -> tuple[ScoreFn, Artifact]:
@@ -220,6 +219,11 @@ def _seeded_evaluations(trainer, seed: int) -> None:
             return evaluate(*args, **kwargs)
 
     trainer.evaluate = seeded
+
+
+def _text(completion) -> str:
+    """A completion as TRL passes it to reward functions: the assistant message's text (or the text itself)."""
+    return completion[-1]["content"] if isinstance(completion, list) else completion
 
 
 def _as_list(value) -> list:
