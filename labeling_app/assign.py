@@ -17,6 +17,12 @@ Rules:
   it is the same on every refresh, and recorded on the assignment. A/B items keep the
   side order fixed at load time, which is already random per item.
 
+The calls every annotator makes (`next_item`, `start_item`, and `submit` in labels.py) run
+as Core statements built once, below, on a plain connection: the ORM's per-call statement
+building, unit of work and identity map cost several times the database's own work here
+(bench/label_load.py). A lease commits without waiting for the disk (`durable=False`,
+store.py): a lease lost to a power cut only returns its item to the pool.
+
 Concurrency: one transaction per call. It locks the user's row (so one annotator's two
 tabs take turns), then the candidate item's row with `FOR UPDATE SKIP LOCKED` on
 PostgreSQL, so concurrent annotators pass over an item another is being given instead of
@@ -29,44 +35,103 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+from typing import Any
 
-from sqlalchemy import and_, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, bindparam, false, func, insert, or_, select, update
+from sqlalchemy.engine import Connection
 
 from labeling_app.store import Assignment, Item, LabelStore, TaskSet, User, as_utc
 from rlhf.errors import RlhfError
 
 DEFAULT_LEASE_SECONDS = 900
+A, I, T = Assignment.__table__, Item.__table__, TaskSet.__table__
 
 
-def holds_slot(now: dt.datetime):
-    """SQL condition: this assignment counts toward the item's overlap at time `now`."""
-    return or_(Assignment.status == "done",
-               and_(Assignment.status == "leased", Assignment.lease_expires_at > now))
+def holds_slot(now):
+    """SQL condition: this assignment counts toward the item's overlap at time `now` (a value or bindparam)."""
+    return or_(A.c.status == "done", and_(A.c.status == "leased", A.c.lease_expires_at > now))
 
 
-def slots_taken(s: Session, item_id: int, now: dt.datetime, except_user_id: int | None = None) -> int:
+def _in_task_set(stmt, by_task_set: bool):
+    return stmt.where(I.c.task_set_id == bindparam("task_set_id")) if by_task_set else stmt
+
+
+_LOCK_USER = select(User.__table__.c.id).where(User.__table__.c.id == bindparam("user_id")).with_for_update(
+    key_share=True)
+_ITEM = (select(I, T.c.kind, T.c.overlap).select_from(I.join(T, T.c.id == I.c.task_set_id))
+         .where(I.c.id == bindparam("item_id")))
+_LOCK_ITEM = _ITEM.with_for_update(of=I, key_share=True)
+_SLOTS = {except_user: select(func.count()).select_from(A).where(
+              A.c.item_id == bindparam("item_id"), holds_slot(bindparam("now")),
+              *([A.c.user_id != bindparam("user_id")] if except_user else []))
+          for except_user in (False, True)}
+_OWN_LEASES = {by_set: _in_task_set(
+                   select(A, I.c.task_set_id).select_from(A.join(I, I.c.id == A.c.item_id))
+                   .where(A.c.user_id == bindparam("user_id"), A.c.status == "leased").order_by(A.c.id), by_set)
+               for by_set in (False, True)}
+_ASSIGNMENT = select(A).where(A.c.item_id == bindparam("item_id"), A.c.user_id == bindparam("user_id"))
+_RENEW = update(A).where(A.c.id == bindparam("assignment_id")).values(lease_expires_at=bindparam("expires"))
+
+
+def _open_items(by_task_set: bool):
+    """SELECT the first item, with its task set's kind and overlap, that the user never had and that
+    has a free slot at `now`: params user_id, now (and task_set_id)."""
+    mine = select(A.c.id).where(A.c.item_id == I.c.id, A.c.user_id == bindparam("user_id")).exists()
+    taken = select(func.count()).select_from(A).where(A.c.item_id == I.c.id, holds_slot(bindparam("now")))
+    stmt = (select(I, T.c.kind, T.c.overlap).select_from(I.join(T, T.c.id == I.c.task_set_id))
+            .where(I.c.complete == false(), ~mine, taken.scalar_subquery() < T.c.overlap)
+            .order_by(I.c.id).limit(1))  # fill items in order, so complete items accumulate early
+    return _in_task_set(stmt, by_task_set)
+
+
+_OPEN = {by_set: _open_items(by_set) for by_set in (False, True)}
+# Locking variants for next_item, passing over items already found full under the lock.
+_CANDIDATE = {(by_set, skip_locked): _OPEN[by_set].where(I.c.id.not_in(bindparam("passed", expanding=True)))
+              .with_for_update(of=I, skip_locked=skip_locked, key_share=True)
+              for by_set in (False, True) for skip_locked in (False, True)}
+
+
+def item_of(row: Any) -> Item:
+    """A detached Item from a row holding the items columns."""
+    return Item(id=row.id, task_set_id=row.task_set_id, prompt_id=row.prompt_id, prompt=row.prompt,
+                responses=row.responses, complete=row.complete)
+
+
+def assignment_of(row: Any, **changes: Any) -> Assignment:
+    """A detached Assignment from a row holding the assignments columns, with `changes` applied."""
+    fields = {c: getattr(row, c) for c in ("id", "item_id", "user_id", "status", "lease_expires_at",
+                                           "shown_order", "created_at")}
+    return Assignment(**(fields | changes))
+
+
+def slots_taken(conn: Connection, item_id: int, now: dt.datetime, except_user_id: int | None = None) -> int:
     """How many annotators (other than `except_user_id`) hold a slot of the item now."""
-    stmt = select(func.count()).select_from(Assignment).where(Assignment.item_id == item_id, holds_slot(now))
-    if except_user_id is not None:
-        stmt = stmt.where(Assignment.user_id != except_user_id)
-    return s.scalar(stmt)
+    return conn.execute(_SLOTS[except_user_id is not None],
+                        {"item_id": item_id, "now": now, "user_id": except_user_id}).scalar_one()
 
 
-def lock_user(s: Session, user_id: int) -> None:
+def lock_user(conn: Connection, user_id: int) -> None:
     """Serialise one user's concurrent requests.
 
     Skipped on SQLite, which has no row locks: BEGIN IMMEDIATE already serialises every
     writer there, and the statement would only lengthen the time the write lock is held.
     """
-    if s.get_bind().dialect.name != "sqlite":
-        s.execute(select(User.id).where(User.id == user_id).with_for_update(key_share=True))
+    if conn.dialect.name != "sqlite":
+        conn.execute(_LOCK_USER, {"user_id": user_id})
 
 
-def lock_item(s: Session, item_id: int) -> tuple[Item, TaskSet] | None:
-    row = s.execute(select(Item, TaskSet).join(TaskSet, TaskSet.id == Item.task_set_id)
-                    .where(Item.id == item_id).with_for_update(of=Item, key_share=True)).first()
-    return None if row is None else (row[0], row[1])
+def lock_item(conn: Connection, item_id: int) -> Any | None:
+    """Lock the item's row; return it with its task set's kind and overlap (None if there is no such item)."""
+    return conn.execute(_LOCK_ITEM, {"item_id": item_id}).first()
+
+
+def _recount_needed(conn: Connection) -> bool:
+    """Must a slot count read in a statement's snapshot be taken again under the item's lock?
+
+    On PostgreSQL, yes: a lease committed since the snapshot may have filled the item. SQLite
+    writers run one at a time (BEGIN IMMEDIATE), so the snapshot is already current.
+    """
+    return conn.dialect.name != "sqlite"
 
 
 def shown_order(item: Item, kind: str, user_id: int) -> list[str]:
@@ -78,45 +143,26 @@ def shown_order(item: Item, kind: str, user_id: int) -> list[str]:
     return ids
 
 
-def _own_lease(s: Session, user: User, task_set_id: int | None, now: dt.datetime, expires: dt.datetime
+def _new_lease(conn: Connection, item: Item, kind: str, user_id: int, now: dt.datetime, expires: dt.datetime
+               ) -> Assignment:
+    fields = dict(item_id=item.id, user_id=user_id, status="leased", lease_expires_at=expires,
+                  shown_order=shown_order(item, kind, user_id), created_at=now)
+    assignment_id = conn.execute(insert(A), fields).inserted_primary_key[0]
+    return Assignment(id=assignment_id, **fields)
+
+
+def _own_lease(conn: Connection, user: User, ts_id: int | None, now: dt.datetime, expires: dt.datetime
                ) -> tuple[Item, Assignment] | None:
     """The user's open lease, renewed: refreshing the page must show the same item."""
-    stmt = (select(Assignment).join(Item, Item.id == Assignment.item_id)
-            .where(Assignment.user_id == user.id, Assignment.status == "leased").order_by(Assignment.id))
-    if task_set_id is not None:
-        stmt = stmt.where(Item.task_set_id == task_set_id)
-    for assignment in s.scalars(stmt).all():
-        if assignment.is_live(now):
-            item = s.get(Item, assignment.item_id)
-        else:
-            # Expired: it comes back only if no one took the slot meanwhile (counted under the lock).
-            item, task_set = lock_item(s, assignment.item_id)
-            if slots_taken(s, item.id, now, except_user_id=user.id) >= task_set.overlap:
-                continue
-        assignment.lease_expires_at = expires
-        return item, assignment
+    for row in conn.execute(_OWN_LEASES[ts_id is not None], {"user_id": user.id, "task_set_id": ts_id}).all():
+        item_row = lock_item(conn, row.item_id)
+        # Expired: it comes back only if no one took the slot meanwhile (counted under the lock).
+        if row.lease_expires_at <= now and \
+                slots_taken(conn, row.item_id, now, except_user_id=user.id) >= item_row.overlap:
+            continue
+        conn.execute(_RENEW, {"assignment_id": row.id, "expires": expires})
+        return item_of(item_row), assignment_of(row, lease_expires_at=expires)
     return None
-
-
-def _open_items(user: User, task_set_id: int | None, now: dt.datetime):
-    """SELECT the first item, with its task set, that the user never had and that has a free slot now."""
-    mine = select(Assignment.id).where(Assignment.item_id == Item.id, Assignment.user_id == user.id).exists()
-    taken = (select(func.count()).select_from(Assignment)
-             .where(Assignment.item_id == Item.id, holds_slot(now)).scalar_subquery())
-    stmt = (select(Item, TaskSet).join(TaskSet, TaskSet.id == Item.task_set_id)
-            .where(~mine, taken < TaskSet.overlap)
-            .order_by(Item.id).limit(1))  # fill items in order, so complete items accumulate early
-    return stmt if task_set_id is None else stmt.where(Item.task_set_id == task_set_id)
-
-
-def _candidate(s: Session, user: User, task_set_id: int | None, now: dt.datetime, passed: list[int],
-               skip_locked: bool) -> tuple[Item, TaskSet] | None:
-    """Lock the first item the user has never had that looks open (counted again under the lock)."""
-    stmt = _open_items(user, task_set_id, now).with_for_update(of=Item, skip_locked=skip_locked, key_share=True)
-    if passed:
-        stmt = stmt.where(Item.id.not_in(passed))
-    row = s.execute(stmt).first()
-    return None if row is None else (row[0], row[1])
 
 
 def next_item(store: LabelStore, user: User, task_set: str | None = None,
@@ -128,33 +174,28 @@ def next_item(store: LabelStore, user: User, task_set: str | None = None,
     """
     now = as_utc(now)
     expires = now + dt.timedelta(seconds=lease_seconds)
-    task_set_id = store.task_set(task_set).id if task_set else None
 
-    def lease(s: Session) -> tuple[Item, Assignment] | None:
-        lock_user(s, user.id)
-        held = _own_lease(s, user, task_set_id, now, expires)
+    def lease(conn: Connection) -> tuple[Item, Assignment] | None:
+        ts_id = store.task_set_id(conn, task_set)
+        lock_user(conn, user.id)
+        held = _own_lease(conn, user, ts_id, now, expires)
         if held is not None:
             return held
-        passed: list[int] = []
+        params: dict[str, Any] = {"user_id": user.id, "now": now, "task_set_id": ts_id, "passed": []}
         # First pass over unlocked items only. If that finds nothing, items may merely be
         # locked by annotators being given them right now: wait for those locks rather than
         # wrongly reporting "nothing left".
         for skip_locked in (True, False):
-            while (found := _candidate(s, user, task_set_id, now, passed, skip_locked)) is not None:
-                item, ts = found
+            while (row := conn.execute(_CANDIDATE[ts_id is not None, skip_locked], params).first()) is not None:
                 # The WHERE clause counted slots in the statement's snapshot; recount now
                 # that the item is locked, since a lease committed in between may fill it.
-                if slots_taken(s, item.id, now) < ts.overlap:
-                    assignment = Assignment(item_id=item.id, user_id=user.id, status="leased",
-                                            lease_expires_at=expires, shown_order=shown_order(item, ts.kind, user.id),
-                                            created_at=now)
-                    s.add(assignment)
-                    s.flush()
-                    return item, assignment
-                passed.append(item.id)
+                if not _recount_needed(conn) or slots_taken(conn, row.id, now) < row.overlap:
+                    item = item_of(row)
+                    return item, _new_lease(conn, item, row.kind, user.id, now, expires)
+                params["passed"] = params["passed"] + [row.id]
         return None
 
-    return store.transaction(lease)
+    return store.core_transaction(lease, durable=False)
 
 
 def peek_item(store: LabelStore, user: User, task_set: str | None = None, now: dt.datetime | None = None
@@ -166,18 +207,16 @@ def peek_item(store: LabelStore, user: User, task_set: str | None = None, now: d
     item with a free slot. `start_item` takes the lease when they begin.
     """
     now = as_utc(now)
-    task_set_id = store.task_set(task_set).id if task_set else None
-    with store.session() as s:
-        stmt = (select(Assignment, Item, TaskSet).join(Item, Item.id == Assignment.item_id)
-                .join(TaskSet, TaskSet.id == Item.task_set_id)
-                .where(Assignment.user_id == user.id, Assignment.status == "leased").order_by(Assignment.id))
-        if task_set_id is not None:
-            stmt = stmt.where(Item.task_set_id == task_set_id)
-        for assignment, item, ts in s.execute(stmt).all():
-            if assignment.is_live(now) or slots_taken(s, item.id, now, except_user_id=user.id) < ts.overlap:
-                return item, list(assignment.shown_order)
-        row = s.execute(_open_items(user, task_set_id, now)).first()
-    return None if row is None else (row[0], shown_order(row[0], row[1].kind, user.id))
+    with store.connection() as conn:
+        ts_id = store.task_set_id(conn, task_set)
+        params = {"user_id": user.id, "now": now, "task_set_id": ts_id}
+        for row in conn.execute(_OWN_LEASES[ts_id is not None], params).all():
+            item_row = conn.execute(_ITEM, {"item_id": row.item_id}).first()
+            if row.lease_expires_at > now or \
+                    slots_taken(conn, row.item_id, now, except_user_id=user.id) < item_row.overlap:
+                return item_of(item_row), list(row.shown_order)
+        row = conn.execute(_OPEN[ts_id is not None], params).first()
+    return None if row is None else (item := item_of(row), shown_order(item, row.kind, user.id))
 
 
 def start_item(store: LabelStore, user: User, item_id: int, lease_seconds: int = DEFAULT_LEASE_SECONDS,
@@ -186,26 +225,22 @@ def start_item(store: LabelStore, user: User, item_id: int, lease_seconds: int =
     now = as_utc(now)
     expires = now + dt.timedelta(seconds=lease_seconds)
 
-    def lease(s: Session) -> Assignment:
-        lock_user(s, user.id)
-        found = lock_item(s, item_id)
-        if found is None:
+    def lease(conn: Connection) -> Assignment:
+        lock_user(conn, user.id)
+        item_row = lock_item(conn, item_id)
+        if item_row is None:
             raise RlhfError(f"no item {item_id} in the labels database")
-        item, ts = found
-        assignment = s.scalar(select(Assignment).where(Assignment.item_id == item_id, Assignment.user_id == user.id))
-        if assignment is not None and assignment.status == "skipped":
+        row = conn.execute(_ASSIGNMENT, {"item_id": item_id, "user_id": user.id}).first()
+        if row is not None and row.status == "skipped":
             raise RlhfError(f"not assigned: {user.name} skipped item {item_id}")
-        if assignment is not None and assignment.status == "done":
-            return assignment  # labeled in another tab: `submit` tells a resend from a change
-        if (assignment is None or not assignment.is_live(now)) and \
-                slots_taken(s, item_id, now, except_user_id=user.id) >= ts.overlap:
+        if row is not None and row.status == "done":
+            return assignment_of(row)  # labeled in another tab: `submit` tells a resend from a change
+        live = row is not None and row.lease_expires_at > now
+        if not live and slots_taken(conn, item_id, now, except_user_id=user.id) >= item_row.overlap:
             raise RlhfError("other annotators took this item meanwhile; here is the next one")
-        if assignment is None:
-            assignment = Assignment(item_id=item_id, user_id=user.id, status="leased",
-                                    shown_order=shown_order(item, ts.kind, user.id), created_at=now)
-            s.add(assignment)
-        assignment.lease_expires_at = expires
-        s.flush()
-        return assignment
+        if row is None:
+            return _new_lease(conn, item_of(item_row), item_row.kind, user.id, now, expires)
+        conn.execute(_RENEW, {"assignment_id": row.id, "expires": expires})
+        return assignment_of(row, lease_expires_at=expires)
 
-    return store.transaction(lease)
+    return store.core_transaction(lease, durable=False)

@@ -19,11 +19,12 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Sequence
 
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import and_, bindparam, case, false, func, insert, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from labeling_app import agreement
-from labeling_app.assign import holds_slot, lock_item, lock_user, slots_taken
+from labeling_app.assign import A, I, T, holds_slot, item_of, lock_item, lock_user, slots_taken
 from labeling_app.store import AB_CHOICES, Assignment, Item, Label, LabelStore, TaskSet, User, as_utc
 from rlhf.artifacts import Artifact, ArtifactStore
 from rlhf.data import load_rows
@@ -198,47 +199,74 @@ def _checked_item(s: Session, item_id: int, kind: str) -> tuple[Item, TaskSet]:
     if row is None:
         raise RlhfError(f"no item {item_id} in the labels database")
     item, ts = row
-    if ts.kind != kind:
-        use = "submit_ab / revise_ab" if ts.kind == "ab" else "submit / revise"
-        raise RlhfError(f"item {item_id} belongs to {ts.kind} task set {ts.name!r}; use {use}")
+    _check_kind(item_id, ts.kind, ts.name, kind)
     return item, ts
+
+
+def _check_kind(item_id: int, has: str, task_set: str, wanted: str) -> None:
+    if has != wanted:
+        use = "submit_ab / revise_ab" if has == "ab" else "submit / revise"
+        raise RlhfError(f"item {item_id} belongs to {has} task set {task_set!r}; use {use}")
+
+
+L = Label.__table__
+# Everything `submit` checks, in one statement: the item, its task set, and the user's assignment.
+_SUBMIT_STATE = (select(I, T.c.kind, T.c.name.label("task_set_name"), T.c.overlap,
+                        A.c.id.label("assignment_id"), A.c.status, A.c.lease_expires_at, A.c.shown_order)
+                 .select_from(I.join(T, T.c.id == I.c.task_set_id)
+                              .outerjoin(A, and_(A.c.item_id == I.c.id, A.c.user_id == bindparam("user_id"))))
+                 .where(I.c.id == bindparam("item_id")))
+_LABEL = select(L).where(L.c.item_id == bindparam("item_id"), L.c.user_id == bindparam("user_id"))
+_DONE = (update(A).where(A.c.id == bindparam("assignment_id"))
+         .values(status="done", lease_expires_at=None))
+# The item is complete once `overlap` annotators are done with it (see Item.complete). Only
+# the last label writes the item's row, so labels for one item do not queue on its row lock.
+_MARK_COMPLETE = (update(I).where(I.c.id == bindparam("item_id"),
+                                  select(func.count()).select_from(A)
+                                  .where(A.c.item_id == I.c.id, A.c.status == "done").scalar_subquery()
+                                  >= bindparam("overlap"))
+                  .values(complete=True))
 
 
 def _submit(store: LabelStore, user: User, item_id: int, kind: str, build: Callable[[Item], _Judgement],
             now: dt.datetime | None) -> Label:
     now = as_utc(now)
 
-    def save(s: Session) -> Label:
-        lock_user(s, user.id)
-        item, ts = _checked_item(s, item_id, kind)
-        assignment = s.scalar(select(Assignment).where(Assignment.item_id == item_id, Assignment.user_id == user.id))
-        if assignment is None or assignment.status == "skipped":
+    def save(conn: Connection) -> Label:
+        lock_user(conn, user.id)
+        row = conn.execute(_SUBMIT_STATE, {"item_id": item_id, "user_id": user.id}).first()
+        if row is None:
+            raise RlhfError(f"no item {item_id} in the labels database")
+        _check_kind(item_id, row.kind, row.task_set_name, kind)
+        if row.status is None or row.status == "skipped":
             raise RlhfError(f"not assigned: item {item_id} is not assigned to {user.name}")
-        if assignment.status == "leased" and not assignment.is_live(now):
+        if row.status == "leased" and row.lease_expires_at <= now:
             # An expired lease is still honoured while its slot is free, so slow work is not
             # lost. Only this case counts slots, so only it locks the item (as next_item does);
             # a live lease already holds its slot and needs no lock to become a label.
-            lock_item(s, item_id)
-            if slots_taken(s, item_id, now, except_user_id=user.id) >= ts.overlap:
+            lock_item(conn, item_id)
+            if slots_taken(conn, item_id, now, except_user_id=user.id) >= row.overlap:
                 raise RlhfError(f"not assigned: {user.name}'s lease on item {item_id} expired and the item "
                                 "went to other annotators")
+        item = item_of(row)
         judgement = build(item)
-        existing = s.scalar(select(Label).where(Label.item_id == item_id, Label.user_id == user.id))
-        if existing is not None:
+        if row.status == "done":
+            existing = Label(**conn.execute(_LABEL, {"item_id": item_id, "user_id": user.id}).one()._mapping)
             if judgement.matches(existing):
                 return existing  # a double click or a resent form: nothing to do
             raise RlhfError(f"item {item_id} is already labeled by {user.name}; revise it to change the label")
-        label = Label(item_id=item_id, user_id=user.id, shown_order=assignment.shown_order,
-                      submitted_at=now, revision=1)
+        label = Label(item_id=item_id, user_id=user.id, shown_order=row.shown_order, submitted_at=now, revision=1,
+                      model_a=None, model_b=None)
         judgement.write_to(label)
         if kind == "ab":
             label.model_a, label.model_b = item.responses[0]["model"], item.responses[1]["model"]
-        assignment.status, assignment.lease_expires_at = "done", None
-        s.add(label)
-        s.flush()
+        fields = {c.key: getattr(label, c.key) for c in L.columns if c.key != "id"}
+        label.id = conn.execute(insert(L), fields).inserted_primary_key[0]
+        conn.execute(_DONE, {"assignment_id": row.assignment_id})
+        conn.execute(_MARK_COMPLETE, {"item_id": item_id, "overlap": row.overlap})
         return label
 
-    return store.transaction(save)
+    return store.core_transaction(save)
 
 
 def _revise(store: LabelStore, user: User, item_id: int, kind: str, build: Callable[[Item], _Judgement],
@@ -246,7 +274,7 @@ def _revise(store: LabelStore, user: User, item_id: int, kind: str, build: Calla
     now = as_utc(now)
 
     def save(s: Session) -> Label:
-        lock_user(s, user.id)
+        lock_user(s.connection(), user.id)
         latest = s.scalars(select(Label).where(Label.user_id == user.id)
                            .order_by(Label.submitted_at.desc(), Label.id.desc()).limit(1)).first()
         if latest is None or latest.item_id != item_id:
@@ -301,7 +329,7 @@ def revise_ab(store: LabelStore, user: User, item_id: int, choice: str, flag: st
 def skip(store: LabelStore, user: User, item_id: int) -> Assignment:
     """Give the item back: it returns to the pool for others, and never comes back to this user."""
     def release(s: Session) -> Assignment:
-        lock_user(s, user.id)
+        lock_user(s.connection(), user.id)
         assignment = s.scalar(select(Assignment).where(Assignment.item_id == item_id, Assignment.user_id == user.id))
         if assignment is None:
             raise RlhfError(f"not assigned: item {item_id} is not assigned to {user.name}")
@@ -349,7 +377,7 @@ def progress(store: LabelStore, user: User, task_set: str | None = None, now: dt
         leased = s.scalar(in_set(mine.where(Assignment.status == "leased", Assignment.lease_expires_at > now)))
         open_items = s.scalar(in_set(select(func.count()).select_from(Item)
                                      .join(TaskSet, TaskSet.id == Item.task_set_id)
-                                     .where(~had, taken < TaskSet.overlap)))
+                                     .where(Item.complete == false(), ~had, taken < TaskSet.overlap)))
     return Progress(done, done + leased + open_items)
 
 

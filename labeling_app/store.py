@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from sqlalchemy import (JSON, Boolean, CheckConstraint, DateTime, ForeignKey, Index, Integer, String, Text,
-                        UniqueConstraint, create_engine, event, select, text)
+                        UniqueConstraint, create_engine, event, false, select, text)
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from rlhf.errors import RlhfError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # v2: items.complete (see Item)
 ROLES = ("annotator", "admin")
 TASK_KINDS = ("rank", "ab")
 STATUSES = ("leased", "done", "skipped")
@@ -112,15 +113,25 @@ class TaskSet(Base):
 
 
 class Item(Base):
-    """One prompt and its responses. For 'ab' items, responses[0] is side A, responses[1] side B."""
+    """One prompt and its responses. For 'ab' items, responses[0] is side A, responses[1] side B.
+
+    `complete` turns true when the item holds `overlap` labels, and never turns back (labels
+    are revised in place, never deleted). Finding an open item is then an index scan over the
+    incomplete ones instead of a slot count for every item ever finished. It is a hint: the
+    slot count stays the rule in every query. On PostgreSQL, an item's last two labels
+    committed at the same instant can each miss the other and leave it false, which costs a
+    scan step per lookup, never a wrong assignment.
+    """
 
     __tablename__ = "items"
-    __table_args__ = (UniqueConstraint("task_set_id", "prompt_id", name="uq_items_task_set_prompt"),)
+    __table_args__ = (UniqueConstraint("task_set_id", "prompt_id", name="uq_items_task_set_prompt"),
+                      Index("ix_items_open", "task_set_id", "complete", "id"))
     id: Mapped[int] = mapped_column(primary_key=True)
     task_set_id: Mapped[int] = mapped_column(ForeignKey("task_sets.id", ondelete="CASCADE"), index=True)
     prompt_id: Mapped[str] = mapped_column(String(256))
     prompt: Mapped[list[dict[str, str]]] = mapped_column(JSON)
     responses: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # [{"response_id", "text", "model"}]
+    complete: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     @property
     def response_ids(self) -> list[str]:
@@ -201,8 +212,22 @@ def scratch_schema(admin_url: str, prefix: str) -> Iterator[str]:
         admin.dispose()
 
 
+def _migrate(conn: Connection, version: int) -> None:
+    """Bring a database at schema `version` up to SCHEMA_VERSION, in the caller's transaction."""
+    if version < 2:
+        # items.complete, filled in from the labels already given.
+        conn.execute(text("ALTER TABLE items ADD COLUMN complete BOOLEAN NOT NULL DEFAULT false"))
+        conn.execute(text("UPDATE items SET complete = ("
+                          "SELECT count(*) FROM assignments a WHERE a.item_id = items.id AND a.status = 'done') >= ("
+                          "SELECT t.overlap FROM task_sets t WHERE t.id = items.task_set_id)"))
+        next(ix for ix in Item.__table__.indexes if ix.name == "ix_items_open").create(conn)
+    conn.execute(SchemaVersion.__table__.update().where(SchemaVersion.id == 1).values(version=SCHEMA_VERSION))
+
+
 def _retryable(e: DBAPIError) -> bool:
-    """Did this transaction lose a race it would win on a fresh try?"""
+    """Did this transaction lose a race (or its connection) that it would win on a fresh try?"""
+    if e.connection_invalidated:
+        return True  # SQLAlchemy saw a disconnect and emptied the pool of connections that old
     code = getattr(e.orig, "pgcode", None)
     if code is not None:
         # unique violation, serialization failure, deadlock, lock not available
@@ -217,14 +242,15 @@ class LabelStore:
     def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 50):
         self.url = url
         try:
-            # A pre-ping costs a round trip per checkout; it guards against a database server that
-            # restarted under the pool, which a SQLite file cannot do.
-            self.engine = create_engine(url, pool_size=pool_size, max_overflow=max_overflow,
-                                        pool_pre_ping=not url.startswith("sqlite"))
+            # No pre-ping: it would cost a round trip per checkout. A connection that died under
+            # the pool (a database server restart) fails its first statement instead, and
+            # `transaction` reruns the call on a fresh one.
+            self.engine = create_engine(url, pool_size=pool_size, max_overflow=max_overflow)
         except (ArgumentError, NoSuchModuleError) as e:
             raise RlhfError(f"{url!r} is not a usable database URL ({e}); write e.g. sqlite:///labels.db "
                             "or postgresql+psycopg2://user@host/db") from None
         self.dialect = self.engine.dialect.name
+        self._task_set_ids: dict[str, int] = {}
         self._sqlite_writer = threading.Lock()
         if self.dialect == "sqlite":
             self._configure_sqlite()
@@ -282,13 +308,19 @@ class LabelStore:
         def _on_begin(conn):
             # IMMEDIATE takes the write lock now, so a read-then-write transaction cannot
             # find the database changed under it and fail at its first write.
-            write = conn.get_execution_options().get("rlhf_write", False)
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+            options = conn.get_execution_options()
+            if options.get("rlhf_write", False):
+                # Set for every write, so a connection back from the pool is durable by default.
+                durable = options.get("rlhf_durable", True)
+                conn.exec_driver_sql(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                conn.exec_driver_sql("BEGIN")
 
     def _create_schema(self) -> None:
         with self.engine.connect().execution_options(rlhf_write=True) as conn, conn.begin():
             if self.dialect == "postgresql":
-                # Two processes starting at once must not both CREATE TABLE.
+                # Two processes starting at once must not both CREATE TABLE (or both migrate).
                 conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
             Base.metadata.create_all(conn)
             row = conn.execute(select(SchemaVersion.version).where(SchemaVersion.id == 1)).scalar()
@@ -297,7 +329,8 @@ class LabelStore:
             elif row > SCHEMA_VERSION:
                 raise RlhfError(f"the labels database {self.safe_url} has schema v{row}, newer than this "
                                 f"rlhf-suite understands (v{SCHEMA_VERSION}); upgrade rlhf-suite")
-            # Version 1 is the first schema, so there is nothing older to migrate from yet.
+            elif row < SCHEMA_VERSION:
+                _migrate(conn, row)
 
     # -- transactions ------------------------------------------------------------
 
@@ -308,6 +341,21 @@ class LabelStore:
             s.connection(execution_options={"rlhf_write": write})
             yield s
             s.commit()
+
+    @contextmanager
+    def connection(self, write: bool = False, durable: bool = True) -> Iterator[Connection]:
+        """A Core connection in one transaction, committed on clean exit: for the hot paths.
+
+        `durable=False` is for writes that may be lost to a power cut (not to a crash of the
+        server process) without harm, such as a lease: the commit skips the flush to disk
+        that a label's commit waits for (SQLite `synchronous=NORMAL` in WAL mode, PostgreSQL
+        `synchronous_commit=off`; neither risks corruption).
+        """
+        options = {"rlhf_write": write, "rlhf_durable": durable}
+        with self._writer_turn(write), self.engine.connect().execution_options(**options) as conn, conn.begin():
+            if write and not durable and self.dialect == "postgresql":
+                conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+            yield conn
 
     @contextmanager
     def _writer_turn(self, write: bool) -> Iterator[None]:
@@ -329,10 +377,19 @@ class LabelStore:
         `fn` must do all its reading inside the transaction, so a rerun sees the winner's
         writes. `RlhfError`s and other errors propagate after a rollback.
         """
+        return self._retrying(lambda: self.session(write), fn, attempts)
+
+    def core_transaction(self, fn: Callable[[Connection], T], write: bool = True, durable: bool = True,
+                         attempts: int = 10) -> T:
+        """`transaction` on a Core connection (see `connection`), for the calls every annotator makes."""
+        return self._retrying(lambda: self.connection(write, durable), fn, attempts)
+
+    @staticmethod
+    def _retrying(open_transaction: Callable[[], Any], fn: Callable[[Any], T], attempts: int) -> T:
         for attempt in range(attempts):
             try:
-                with self.session(write) as s:
-                    return fn(s)
+                with open_transaction() as handle:
+                    return fn(handle)
             except DBAPIError as e:
                 if attempt == attempts - 1 or not _retryable(e):
                     raise
@@ -369,6 +426,23 @@ class LabelStore:
             have = ", ".join(names) or "none; load one with `rlhf label load candidates:vK`"
             raise RlhfError(f"no {what} in {self.safe_url} (task sets: {have})")
         return found
+
+    def task_set_id(self, conn: Connection, name: str | None) -> int | None:
+        """The id of task set `name` (None for None), read in the caller's transaction.
+
+        Task sets are never renamed or deleted, so an id once found is kept for the store's
+        life: the calls every annotator makes skip a round trip.
+        """
+        if name is None:
+            return None
+        if name not in self._task_set_ids:
+            found = conn.execute(select(TaskSet.id).where(TaskSet.name == name)).scalar()
+            if found is None:
+                have = ", ".join(conn.execute(select(TaskSet.name).order_by(TaskSet.id)).scalars()) or \
+                    "none; load one with `rlhf label load candidates:vK`"
+                raise RlhfError(f"no task set {name!r} in {self.safe_url} (task sets: {have})")
+            self._task_set_ids[name] = found
+        return self._task_set_ids[name]
 
     def task_sets(self) -> list[TaskSet]:
         with self.session() as s:

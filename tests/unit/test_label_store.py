@@ -17,7 +17,7 @@ from labeling_app import auth
 from labeling_app.assign import next_item, peek_item, start_item
 from labeling_app.labels import (annotator_progress, flagged_items, last_label, load_ab_task_set,
                                  load_task_set, progress, revise, skip, submit, submit_ab, task_set_progress)
-from labeling_app.store import Assignment, Label, LabelStore
+from labeling_app.store import SCHEMA_VERSION, Assignment, Item, Label, LabelStore
 from rlhf import data
 from rlhf.artifacts import ArtifactStore
 from rlhf.errors import RlhfError
@@ -81,12 +81,75 @@ def test_sqlite_runs_in_wal_mode_with_foreign_keys_and_a_schema_version(tmp_path
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
     store.close()
     raw = sqlite3.connect(db)
-    assert raw.execute("SELECT id, version FROM schema_version").fetchall() == [(1, 1)]
+    assert raw.execute("SELECT id, version FROM schema_version").fetchall() == [(1, SCHEMA_VERSION)]
     raw.execute("UPDATE schema_version SET version = 99")
     raw.commit()
     raw.close()
     with pytest.raises(RlhfError, match="schema v99, newer than"):
         LabelStore(f"sqlite:///{db}")
+
+
+def test_a_v1_database_migrates_and_its_finished_items_are_marked_complete(store, ts):
+    """v2 added items.complete; a v1 database gets it filled in from the labels already there."""
+    a, b, c = users(store, "a", "b", "c")
+    for user in (a, b):  # overlap 2: both finish the first item; c leases the second
+        item, _ = next_item(store, user, ts, now=T0)
+        submit(store, user, item.id, ranking_of(item), now=T0)
+    held, _ = next_item(store, c, ts, now=T0)
+    with store.engine.begin() as conn:  # back to the v1 schema, as an older rlhf-suite left it
+        conn.execute(text("DROP INDEX ix_items_open"))
+        conn.execute(text("ALTER TABLE items DROP COLUMN complete"))
+        conn.execute(text("UPDATE schema_version SET version = 1"))
+    url = store.url
+    store.close()
+    migrated = LabelStore(url)
+    try:
+        with migrated.engine.connect() as conn:
+            assert conn.execute(text("SELECT version FROM schema_version")).scalar() == SCHEMA_VERSION
+            complete = dict(conn.execute(text("SELECT id, complete FROM items ORDER BY id")).all())
+        assert [bool(v) for v in complete.values()] == [True, False, False, False]
+        assert held.id != item.id
+        # The finished item is passed over; the third annotator keeps their lease.
+        assert next_item(migrated, c, ts, now=T0)[0].id == held.id
+        d = users(migrated, "d")[0]
+        assert next_item(migrated, d, ts, now=T0)[0].id == held.id  # overlap 2: c's item has a slot left
+    finally:
+        migrated.close()
+
+
+def test_a_connection_the_server_dropped_is_replaced_and_the_call_rerun(arts):
+    """No pre-ping: a pooled connection killed under the pool fails once, and the call reruns on a fresh one."""
+    with pg_schema_url() as url:
+        store = LabelStore(url)
+        try:
+            ts_name = load_task_set(store, arts, make_candidates(arts), overlap=2).task_set.name
+            user = users(store, "a")[0]
+            item, _ = next_item(store, user, ts_name, now=T0)
+            with store.engine.connect() as conn:  # the one connection the pool holds after serial use
+                pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+            with LabelStore(url).engine.connect() as admin:
+                assert admin.exec_driver_sql(f"SELECT pg_terminate_backend({pid})").scalar()
+            submit(store, user, item.id, ranking_of(item), now=T0)
+            assert label_of(store, user, item.id).ranking == [sorted(g) for g in ranking_of(item)]
+        finally:
+            store.close()
+
+
+def test_only_label_commits_wait_for_the_disk_on_sqlite(tmp_path, arts):
+    """A lease may be lost to a power cut without harm; a label may not (synchronous=FULL)."""
+    from sqlalchemy import event
+
+    store = LabelStore(f"sqlite:///{tmp_path / 'labels.db'}")
+    ts_name = load_task_set(store, arts, make_candidates(arts), overlap=2).task_set.name
+    user = users(store, "a")[0]
+    seen: list[str] = []
+    event.listen(store.engine, "before_cursor_execute",
+                 lambda conn, cursor, statement, *args: seen.append(statement) if "synchronous" in statement else None)
+    item, _ = next_item(store, user, ts_name, now=T0)
+    lease = list(seen)
+    submit(store, user, item.id, ranking_of(item), now=T0)
+    assert lease == ["PRAGMA synchronous=NORMAL"] and seen[len(lease):] == ["PRAGMA synchronous=FULL"]
+    store.close()
 
 
 def test_workspace_url_comes_from_the_argument_then_the_environment_then_the_workspace(tmp_path, monkeypatch):
