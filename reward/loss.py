@@ -68,3 +68,35 @@ def expected_calibration_error(probs: torch.Tensor, n_bins: int = 10) -> torch.T
         if in_bin.any():
             ece += in_bin.float().mean() * (y[in_bin].mean() - p[in_bin].mean()).abs()
     return ece
+
+
+def temperature_nll(margins: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean −log σ(Δ / T) of held-out margins Δ = r_c − r_r at temperature T; scalar."""
+    return -F.logsigmoid(margins / temperature).mean()
+
+
+def fit_temperature(margins: torch.Tensor, prior_pairs: int = 1, t_min: float = 0.05, t_max: float = 100.0,
+                    steps: int = 60) -> float:
+    """The temperature T in [t_min, t_max] that minimises `temperature_nll` (Guo et al. 2017).
+
+    Temperature scaling divides every margin by one T, so ranking and accuracy stay as they
+    are while σ(Δ / T) becomes a calibrated probability. `prior_pairs` pairs won and
+    `prior_pairs` lost at the mean |Δ| join the fit, as in Laplace's rule of succession:
+    without them a held-out set the model ranks perfectly drives T to 0 and every probability
+    to 1. The NLL is convex in a = 1/T (each term −log σ(aΔ) is), so its minimum is where the
+    derivative Σ −Δ σ(−aΔ) crosses zero, found by bisection. Margins with no signal (all zero,
+    or mostly wrong) leave T at t_max: flat, never flipped.
+    """
+    margins = margins.double()
+    typical = margins.abs().mean()
+    margins = torch.cat([margins, typical.repeat(prior_pairs), -typical.repeat(prior_pairs)])
+    grad = lambda a: float((-margins * torch.sigmoid(-a * margins)).mean())
+    lo, hi = 1 / t_max, 1 / t_min
+    if grad(lo) >= 0:
+        return t_max
+    if grad(hi) <= 0:
+        return t_min
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if grad(mid) < 0 else (lo, mid)
+    return 1 / ((lo + hi) / 2)

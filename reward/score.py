@@ -2,6 +2,7 @@
 
     rlhf score reward=reward:latest data=candidates:v2     # -> candidates:v3, each response with "score"
     rlhf score reward=reward:v1 data=hh:latest              # preferences: adds "chosen_score", "rejected_score"
+                                                            # and "p_chosen", the calibrated P(chosen ≻ rejected)
 
 The scoring itself lives in `rlhf.judges` (PPO and compare use it too); this is the verb.
 """
@@ -43,6 +44,8 @@ def main(cfg: ScoreConfig, store: ArtifactStore) -> Artifact:
             scores = judge.score([r["prompt"] for r in rows], [r[side][0]["content"] for r in rows], cfg.batch_size)
             for row, s in zip(rows, scores):
                 row[f"{side}_score"] = s
+        for row in rows:
+            row["p_chosen"] = judge.preference_probability(row["chosen_score"], row["rejected_score"])
     all_scores = ([r["score"] for row in rows for r in row["responses"]] if schema == "candidates"
                   else [row[k] for row in rows for k in ("chosen_score", "rejected_score")])
 

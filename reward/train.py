@@ -6,11 +6,19 @@
     rlhf reward mode=freeze freeze.trainable_layers=4                # top 4 blocks + the score head
     rlhf reward data=[preferences:latest,hh:latest] data_weights=[0.8,0.2]
     rlhf reward train.eval_steps=20 train.early_stopping_patience=3 # stop on held-out pairwise loss
+    rlhf reward eval_data=hh-dev:latest                              # also score an explicit held-out set
 
 The model is a one-output sequence classifier initialised from the input checkpoint. After
 training it is scored on a held-out split it never saw: pairwise accuracy with a bootstrap
 95% CI, accuracy by margin bucket, calibration (ECE), and the mean/std of its rewards on
 the training responses, saved as the normalisation that `rlhf score` and PPO apply.
+
+Calibration: a temperature T fitted on the held-out split makes σ((r_c − r_r) / T) a calibrated
+preference probability (temperature scaling, Guo et al. 2017). It is stored beside the
+normalisation (`rlhf score` reports each pair's calibrated P(chosen ≻ rejected)); ranking and
+accuracy do not change. The calibrated ECE is cross-fitted: each half of the split is scored
+with the temperature fitted on the other half, so it is not measured on the pairs it was fitted to.
+`eval_data=` scores an explicit held-out dataset too (accuracy, CI, ECE before and after).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from reward.loss import expected_calibration_error, preference_probability, reward_loss
+from reward.loss import expected_calibration_error, fit_temperature, preference_probability, reward_loss
 from rlhf import data as rdata
 from rlhf import finetune, models, progress, training
 from rlhf.errors import RlhfError
@@ -57,18 +65,28 @@ def _trainer_class():
     return PairwiseRewardTrainer
 
 
-def check(cfg: RewardConfig, store: ArtifactStore) -> training.Inputs:
-    """Everything that can fail before any work is done (also run on every trial of a sweep first)."""
+def check(cfg: RewardConfig, store: ArtifactStore) -> tuple[training.Inputs, tuple[Artifact, list] | None]:
+    """Everything that can fail before any work is done (also run on every trial of a sweep first).
+
+    Returns the training inputs and, with `eval_data=`, that dataset and its pairs.
+    """
     import trl
 
-    return training.prepare_inputs(cfg, store, trl.RewardConfig, schema="preferences", task_type="SEQ_CLS")
+    inputs = training.prepare_inputs(cfg, store, trl.RewardConfig, schema="preferences", task_type="SEQ_CLS")
+    if not cfg.eval_data:
+        return inputs, None
+    held_out = store.resolve(cfg.eval_data, kind="dataset")
+    if held_out.ref in {d.ref for d in inputs.datasets}:
+        raise RlhfError(f"eval_data={cfg.eval_data} is {held_out.ref}, which is also training data; "
+                        "pass a dataset the model does not train on (e.g. a dev set)")
+    return inputs, (held_out, rdata.load_rows(held_out, schema="preferences"))
 
 
 def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
     import trl
 
     # 1. Check everything that can fail before any work is done.
-    inputs = check(cfg, store)
+    inputs, eval_set = check(cfg, store)
     init = inputs.model
 
     # 2. A held-out split per dataset that the model never trains on, the same for the same seed.
@@ -116,9 +134,10 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
     run_metrics = training.run_metrics(trainer, run, inputs.precision)  # before the merge folds the adapter away
     stop = training.stop_metrics(trainer, cfg.train)
     out_model = trainer.model.merge_and_unload() if peft_config else trainer.model
-    with progress.phase(f"reward: scoring {len(split['test'])} held-out pairs and "
+    held_out = len(split["test"]) + (len(eval_set[1]) if eval_set else 0)
+    with progress.phase(f"reward: scoring {held_out} held-out pairs and "
                         f"{min(cfg.normalization_samples, 2 * len(split['train']))} training responses"):
-        metrics, margins = evaluate(out_model, tokenizer, split, cfg)
+        metrics, margins = evaluate(out_model, tokenizer, split, cfg, eval_set)
     with store.create("checkpoint", cfg.output, stage="reward", config=config) as w:
         # Saved merged, so scoring loads one standalone classifier (no adapter chain to follow).
         out_model.save_pretrained(w.path)
@@ -128,6 +147,8 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
         w.add_input("model", init, loaded_as=models.loaded_as(store, init))
         for dataset in inputs.datasets:
             w.add_input("data", dataset)
+        if eval_set:
+            w.add_input("eval_data", eval_set[0])
         w.metrics.update(metrics)
         w.metrics.update({
             "train_pairs": len(trainer.train_dataset),
@@ -148,20 +169,20 @@ def _conversations(rows, side: str) -> list:
     return [r["prompt"] + r[side] for r in rows]
 
 
-def evaluate(model, tokenizer, split, cfg: RewardConfig) -> tuple[dict, list[float]]:
-    """Held-out accuracy (+ bootstrap CI), accuracy by margin bucket, ECE, and normalisation stats;
-    and each held-out pair's reward margin r_c − r_r, for the report's histogram."""
+def evaluate(model, tokenizer, split, cfg: RewardConfig, eval_set: tuple[Artifact, list] | None = None
+             ) -> tuple[dict, list[float]]:
+    """Held-out accuracy (+ bootstrap CI), accuracy by margin bucket, ECE before and after temperature
+    scaling, normalisation stats, and the same on `eval_set`; and each held-out pair's reward margin
+    r_c − r_r, for the report's histogram."""
     import numpy as np
-    from scipy import stats
 
     test, train = list(split["test"]), list(split["train"])
     score = lambda convs: torch.tensor(raw_rewards(model, tokenizer, convs, cfg.train.batch_size, cfg.max_length))
     r_c, r_r = score(_conversations(test, "chosen")), score(_conversations(test, "rejected"))
-    correct = (r_c > r_r).float().numpy()
-    ci = stats.bootstrap((correct,), np.mean, confidence_level=0.95, n_resamples=cfg.bootstrap_samples,
-                         method="percentile", random_state=cfg.train.seed).confidence_interval
-    probs = preference_probability(r_c, r_r)
+    margins = r_c - r_r
+    correct = (margins > 0).float().numpy()
     eval_loss, loss_stats = reward_loss(r_c, r_r)
+    temperature = fit_temperature(margins)
     # Normalisation over training responses (chosen and rejected), so 0 = an average response.
     # A seeded sample keeps this cheap on large sets; its mean and std estimate the full set's.
     responses = _conversations(train, "chosen") + _conversations(train, "rejected")
@@ -170,15 +191,53 @@ def evaluate(model, tokenizer, split, cfg: RewardConfig) -> tuple[dict, list[flo
     train_rewards = score([responses[i] for i in sorted(sample)])
     metrics = {
         "eval_accuracy": float(correct.mean()),
-        "eval_accuracy_ci95": [float(ci.low), float(ci.high)] if not np.isnan(ci.low) else [float(correct.mean())] * 2,
-        "eval_ece": float(expected_calibration_error(probs)),
+        "eval_accuracy_ci95": _bootstrap_ci(correct, cfg),
+        "eval_ece": float(expected_calibration_error(preference_probability(r_c, r_r))),
+        "eval_ece_calibrated": _cross_fitted_ece(margins),
         "eval_mean_margin": float(loss_stats["margin"]),
         "eval_loss": float(eval_loss),
         "normalization": {"mean": float(train_rewards.mean()), "std": float(train_rewards.std().clamp(min=1e-6))},
+        "calibration": {"temperature": temperature, "fitted_on_pairs": len(test)},
     }
     if "margin" in split["test"].column_names:
         metrics["eval_accuracy_by_margin"] = accuracy_by_bucket(np.array(split["test"]["margin"]), correct)
-    return metrics, (r_c - r_r).tolist()
+    if eval_set:
+        dataset, rows = eval_set
+        chosen, rejected = _conversations(rows, "chosen"), _conversations(rows, "rejected")
+        lengths = zip(*(training.chat_lengths(tokenizer, convs) for convs in (chosen, rejected)))
+        held_out = score(chosen) - score(rejected)
+        held_out_correct = (held_out > 0).float().numpy()
+        metrics["eval_data"] = {
+            "ref": dataset.ref, "pairs": len(rows),
+            # Scored left-truncated, as every later scorer does; training would have dropped them.
+            "pairs_longer_than_max_length": sum(max(c, r) > cfg.max_length for c, r in lengths),
+            "accuracy": float(held_out_correct.mean()), "accuracy_ci95": _bootstrap_ci(held_out_correct, cfg),
+            "ece": float(expected_calibration_error(torch.sigmoid(held_out))),
+            "ece_calibrated": float(expected_calibration_error(torch.sigmoid(held_out / temperature))),
+        }
+    return metrics, margins.tolist()
+
+
+def _bootstrap_ci(correct, cfg: RewardConfig) -> list[float]:
+    """Percentile-bootstrap 95% CI of the mean of 0/1 outcomes (the mean twice when it cannot vary)."""
+    import numpy as np
+    from scipy import stats
+
+    ci = stats.bootstrap((correct,), np.mean, confidence_level=0.95, n_resamples=cfg.bootstrap_samples,
+                         method="percentile", random_state=cfg.train.seed).confidence_interval
+    return [float(ci.low), float(ci.high)] if not np.isnan(ci.low) else [float(correct.mean())] * 2
+
+
+def _cross_fitted_ece(margins: torch.Tensor) -> float | None:
+    """ECE after temperature scaling, each half of the pairs scaled by the temperature fitted on
+    the other half; None with fewer than 4 pairs."""
+    if len(margins) < 4:
+        return None
+    halves = torch.arange(len(margins)) % 2 == 0, torch.arange(len(margins)) % 2 == 1
+    scaled = torch.empty_like(margins)
+    for mine, other in (halves, halves[::-1]):
+        scaled[mine] = margins[mine] / fit_temperature(margins[other])
+    return float(expected_calibration_error(torch.sigmoid(scaled)))
 
 
 def accuracy_by_bucket(values, correct, n_buckets: int = 3) -> dict[str, dict]:
@@ -215,11 +274,23 @@ def write_report(metrics: dict, out_dir: Path, margins: list[float]) -> None:
         "# Reward model: held-out evaluation",
         "",
         f"- pairwise accuracy: {metrics['eval_accuracy']:.3f} (95% bootstrap CI {lo:.3f}–{hi:.3f})",
-        f"- expected calibration error of σ(r_c − r_r): {metrics['eval_ece']:.3f}",
+        f"- expected calibration error of σ(r_c − r_r): {metrics['eval_ece']:.3f}; after temperature "
+        f"scaling (T = {metrics['calibration']['temperature']:.3f}, cross-fitted): {_fmt(metrics['eval_ece_calibrated'])}",
         f"- mean margin: {metrics['eval_mean_margin']:.3f}",
         f"- normalisation (training responses): mean {metrics['normalization']['mean']:.3f}, "
         f"std {metrics['normalization']['std']:.3f}",
     ]
     for bucket, v in metrics.get("eval_accuracy_by_margin", {}).items():
         lines.append(f"- accuracy at margin {bucket}: {v['accuracy']:.3f} (n={v['n']})")
+    if held_out := metrics.get("eval_data"):
+        lo, hi = held_out["accuracy_ci95"]
+        lines += ["", f"## {held_out['ref']} ({held_out['pairs']} pairs)", "",
+                  f"- pairwise accuracy: {held_out['accuracy']:.3f} (95% bootstrap CI {lo:.3f}–{hi:.3f})",
+                  f"- ECE: {held_out['ece']:.3f}; after temperature scaling: {held_out['ece_calibrated']:.3f}",
+                  f"- pairs longer than max_length (scored left-truncated): "
+                  f"{held_out['pairs_longer_than_max_length']}"]
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"

@@ -246,6 +246,8 @@ class RewardConfig(FineTuneConfig):
     model: str = "sft:latest"
     data: str | list[str] = "preferences:latest"
     output: ArtifactName = "reward"
+    eval_data: str | None = Field(None, description="preferences ref scored after training besides the held-out "
+                                                    "split, e.g. a dev set; never trained on")
     max_length: int = Field(512, ge=8, description="tokens per prompt+response; longer pairs are dropped and counted")
     use_margin: bool = Field(True, description="use the dataset's margin column where every row has one")
     center_coef: float = Field(0.0, ge=0, description="weight of the reward-centering term mean((r_c+r_r)^2)")

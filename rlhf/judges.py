@@ -63,8 +63,10 @@ class RewardModel:
         from rlhf.models import cuda_available, load_tokenizer
 
         self.artifact: Artifact = check_reward_checkpoint(store.resolve(ref, kind="checkpoint"))
-        norm = self.artifact.manifest["metrics"]["normalization"]
-        self.mean, self.std = norm["mean"], norm["std"]
+        metrics = self.artifact.manifest["metrics"]
+        self.mean, self.std = metrics["normalization"]["mean"], metrics["normalization"]["std"]
+        # Reward checkpoints made before calibration was fitted have none: T = 1 is σ(r_a − r_b) as trained.
+        self.temperature = metrics.get("calibration", {}).get("temperature", 1.0)
         self.max_length = self.artifact.manifest["config"]["max_length"]
         self.tokenizer = load_tokenizer(self.artifact)
         # fp32 weights under autocast, as when the reward stage fitted the normalisation.
@@ -76,6 +78,12 @@ class RewardModel:
         conversations = [list(p) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
         raw = raw_rewards(self.model, self.tokenizer, conversations, batch_size, self.max_length)
         return [(r - self.mean) / self.std for r in raw]
+
+    def preference_probability(self, score_a: float, score_b: float) -> float:
+        """Calibrated P(a ≻ b) from two normalised scores: σ((r_a − r_b) / T) with the stored temperature."""
+        import math
+
+        return 1 / (1 + math.exp(-self.std * (score_a - score_b) / self.temperature))
 
 
 # -- the demo's gold scorer ------------------------------------------------------

@@ -6,20 +6,24 @@ import json
 
 import pytest
 
-from conftest import rlhf
+from conftest import rlhf, write_marker_preferences
 from rlhf.artifacts import ArtifactStore
 
 
-def test_reward_model_learns_the_marker_and_reports_held_out_metrics(pref_ws):
+def test_reward_model_learns_the_marker_and_reports_held_out_metrics(pref_ws, tmp_path):
     import torch
 
-    from reward.loss import expected_calibration_error, preference_probability
+    from reward.loss import expected_calibration_error, fit_temperature, preference_probability
     from rlhf.data import load_rows, split_pairs
     from rlhf.judges import RewardModel
 
+    # A dev set of fresh marker pairs, scored as eval_data besides the seeded split.
+    assert rlhf(pref_ws, "data", "import", "preferences", str(write_marker_preferences(tmp_path / "dev.jsonl", 60, 7)),
+                "--name", "dev") == 0
     # normalization_samples above the 320 training responses: the normalisation uses them all.
     assert rlhf(pref_ws, "reward", "model=base:latest", "train.max_steps=60", "train.learning_rate=3e-3",
-                "train.eval_fraction=0.2", "max_length=256", "bootstrap_samples=200", "normalization_samples=400") == 0
+                "train.eval_fraction=0.2", "max_length=256", "bootstrap_samples=200", "normalization_samples=400",
+                "eval_data=dev:latest") == 0
     store = ArtifactStore(pref_ws)
     art = store.resolve("reward:latest")
     m = art.manifest["metrics"]
@@ -41,9 +45,20 @@ def test_reward_model_learns_the_marker_and_reports_held_out_metrics(pref_ws):
     raw = lambda side: score(test, side) * reward.std + reward.mean
     ece = expected_calibration_error(preference_probability(raw("chosen"), raw("rejected")))
     assert float(ece) == pytest.approx(m["eval_ece"], abs=1e-3)
+    # The stored temperature is the one fitted to the held-out split's margins, and scoring uses it.
+    temperature = m["calibration"]["temperature"]
+    assert temperature == pytest.approx(fit_temperature(raw("chosen") - raw("rejected")), rel=1e-3)
+    assert m["calibration"]["fitted_on_pairs"] == 40 and reward.temperature == temperature
+    assert 0 <= m["eval_ece_calibrated"] <= 1
+    # The dev set: 60 pairs the model never saw, scored like the split.
+    dev = m["eval_data"]
+    assert dev["ref"] == "datasets/dev:v1" and dev["pairs"] == 60 and dev["pairs_longer_than_max_length"] == 0
+    assert dev["accuracy"] >= 0.9 and dev["accuracy_ci95"][0] <= dev["accuracy"] <= dev["accuracy_ci95"][1]
+    assert 0 <= dev["ece_calibrated"] <= 1 and 0 <= dev["ece"] <= 1
     assert (art.path / "report" / "margin_hist.png").stat().st_size > 1000
-    assert "pairwise accuracy" in (art.path / "report" / "summary.md").read_text()
-    assert {i["role"] for i in art.manifest["inputs"]} == {"model", "data"}
+    summary = (art.path / "report" / "summary.md").read_text()
+    assert "pairwise accuracy" in summary and "datasets/dev:v1 (60 pairs)" in summary
+    assert {i["role"] for i in art.manifest["inputs"]} == {"model", "data", "eval_data"}
 
 
 def test_score_normalises_so_training_responses_average_zero_and_marker_scores_higher(pref_ws):
@@ -60,6 +75,9 @@ def test_score_normalises_so_training_responses_average_zero_and_marker_scores_h
     # down to 400); over all 200 pairs the normalised mean sits near 0.
     assert abs(sum(scores) / len(scores)) < 0.3
     assert sum(r["chosen_score"] > r["rejected_score"] for r in rows) / len(rows) >= 0.9
+    # Each pair's calibrated P(chosen ≻ rejected) agrees with the order of its two scores.
+    assert all((r["p_chosen"] > 0.5) == (r["chosen_score"] > r["rejected_score"]) and 0 <= r["p_chosen"] <= 1
+               for r in rows)
 
 
 def test_bad_reward_inputs_fail_clearly(pref_ws, tmp_path, capsys):
@@ -74,6 +92,14 @@ def test_bad_reward_inputs_fail_clearly(pref_ws, tmp_path, capsys):
     # Scoring with something that is not a reward model is refused.
     assert rlhf(pref_ws, "score", "reward=base:latest", "data=preferences:latest") == 2
     assert "not a reward model" in capsys.readouterr().err
+    # A held-out set that is also training data, or not a preference set, is refused before any model loads.
+    assert rlhf(pref_ws, "reward", "model=base:latest", "eval_data=preferences:v1") == 2
+    assert "eval_data=preferences:v1 is datasets/preferences:v1, which is also training data" in \
+        capsys.readouterr().err
+    assert rlhf(pref_ws, "reward", "model=base:latest", "eval_data=sft:latest") == 2
+    assert "needs a 'preferences' dataset" in capsys.readouterr().err
+    assert rlhf(pref_ws, "reward", "model=base:latest", "eval_data=nothing:latest") == 2
+    assert "nothing" in capsys.readouterr().err
     assert not (pref_ws / "checkpoints" / "reward").exists()
 
 
