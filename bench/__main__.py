@@ -79,7 +79,8 @@ def median_run(runs: list[dict], peak_gflops: float) -> dict:
 def table(result: dict) -> str:
     m = result["machine"]
     lines = [f"Machine: {m.get('cpu_model') or m['cpu']}, {m['threads']} threads, torch {m['torch']}; matmul peak "
-             f"{m['peak_gflops']['bf16']:.0f} GFLOP/s bf16, {m['peak_gflops']['fp32']:.0f} fp32. {result['date']}.",
+             f"{m['peak_gflops']['bf16']:.0f} GFLOP/s bf16, {m['peak_gflops']['fp32']:.0f} fp32; the stages compute "
+             f"in {m['precision']}, whose peak is MFU's denominator. {result['date']}.",
              "", "| stage | side | tokens/s | peak MB | wall s | metric | MFU |", "|---|---|---|---|---|---|---|"]
     for stage, s in result["stages"].items():
         for side in ("suite", "baseline"):
@@ -93,7 +94,7 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from bench.peak import machine
+    from bench.peak import machine, mfu_peak_gflops
 
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {', '.join(STAGES)}")
@@ -116,8 +117,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "budget": budget, "machine": machine(args.quick),
               "stages": {}}
-    peak = result["machine"]["peak_gflops"]["bf16"]
-    print(f"matmul peak: {peak:.0f} GFLOP/s bf16, {result['machine']['peak_gflops']['fp32']:.0f} fp32", flush=True)
+    peak = mfu_peak_gflops(result["machine"])
+    print(f"matmul peak: {result['machine']['peak_gflops']['bf16']:.0f} GFLOP/s bf16, "
+          f"{result['machine']['peak_gflops']['fp32']:.0f} fp32; MFU against {result['machine']['precision']}",
+          flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         ws = Path(tmp)
         prepare(ws, args.model, stages)

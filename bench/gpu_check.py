@@ -246,8 +246,8 @@ def flops_per_token(kind: str, n: int, vocab_x_hidden: int) -> float | None:
 def table(result: dict) -> str:
     m = result["machine"]
     mem = lambda x: f"{x:,.0f}" if isinstance(x, (int, float)) else "–"
-    lines = [f"{result['mode']}: {m.get('gpu') or m.get('cpu_model') or m['cpu']}, torch {m['torch']}; bf16 matmul "
-             f"peak {m['peak_gflops']['bf16']:,.0f} GFLOP/s; model {result['model']['params_matmul'] / 1e6:.0f}M "
+    lines = [f"{result['mode']}: {m.get('gpu') or m.get('cpu_model') or m['cpu']}, torch {m['torch']}; {m['precision']} "
+             f"matmul peak {m['peak_gflops'][m['precision']]:,.0f} GFLOP/s; model {result['model']['params_matmul'] / 1e6:.0f}M "
              f"matmul parameters. {result['date']}.", "",
              "| check | result | tokens/s | MFU | peak CUDA MB | suite / baseline | notes |",
              "|---|---|---:|---:|---:|---:|---|"]
@@ -266,7 +266,7 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from bench.peak import machine
+    from bench.peak import machine, mfu_peak_gflops
 
     p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n")[0])
     p.add_argument("--cpu-smoke", action="store_true", help="a tiny model and 2-step budgets on the CPU")
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
     budget = SMOKE_BUDGET if args.cpu_smoke else GPU_BUDGET
     result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "mode": "cpu-smoke" if args.cpu_smoke
                               else "gpu", "budget": budget, "machine": machine(quick=args.cpu_smoke), "checks": []}
-    peak = result["machine"]["peak_gflops"]["bf16"] * 1e9
+    peak = mfu_peak_gflops(result["machine"]) * 1e9
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         ws = Path(tmp) / "ws"

@@ -1,7 +1,10 @@
 """The machine's own matmul peak, the denominator of every MFU figure.
 
 A large square matmul is as close to the hardware's best as PyTorch gets: measured here in
-bf16 and fp32 with the threads PyTorch would use for training.
+bf16 and fp32 (and fp16 where the stages compute in it) with the threads PyTorch would use for
+training. MFU divides by the peak of the precision the stages compute in (`precision=auto`):
+a CPU without AMX or AVX512-BF16 trains in fp32, and its bf16 matmul, emulated, can be 40×
+slower than its fp32 one, so a bf16 denominator there would report MFUs far above 100%.
 """
 
 from __future__ import annotations
@@ -33,16 +36,22 @@ def matmul_gflops(dtype, size: int, seconds: float = 2.0) -> float:
 def machine(quick: bool = False) -> dict:
     import torch
 
+    from rlhf.models import resolve_precision
+
     size = 1024 if quick else 4096
+    precision = resolve_precision("auto")
     info = {
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "matmul_size": size,
+        "precision": precision,
         "peak_gflops": {"bf16": matmul_gflops(torch.bfloat16, size, 1.0 if quick else 3.0),
                         "fp32": matmul_gflops(torch.float32, size, 1.0 if quick else 3.0)},
     }
+    if precision == "fp16":
+        info["peak_gflops"]["fp16"] = matmul_gflops(torch.float16, size, 1.0 if quick else 3.0)
     try:
         flags = open("/proc/cpuinfo").read()
         info["cpu_bf16"] = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
@@ -51,3 +60,8 @@ def machine(quick: bool = False) -> dict:
     except OSError:
         pass
     return info
+
+
+def mfu_peak_gflops(info: dict) -> float:
+    """The denominator of MFU: the matmul peak in the precision the stages compute in on this machine."""
+    return info["peak_gflops"][info["precision"]]

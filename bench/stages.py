@@ -186,8 +186,8 @@ def dpo(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]:
 def _ppo_setup(store: ArtifactStore, budget: dict, with_sampler: bool):
     """The PPO actor (base + a fresh LoRA adapter), optionally its sampler, and encoded prompts.
 
-    The actor keeps fp32 weights under bf16 autocast, as `rlhf ppo` does; the sampler is its
-    merged copy in the compute dtype.
+    The actor keeps fp32 weights under autocast to the machine's auto precision (fp32 where the
+    hardware has no native bf16), as `rlhf ppo` does; the sampler is its merged copy in that dtype.
     """
     from peft import get_peft_model
 
@@ -216,10 +216,14 @@ def ppo_rollout(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]
     from ppo.rollout import sync_sampler
     from rlhf.sampling import sample
 
+    from rlhf import models
+
     tokenizer, policy, sampler, ids, mask, n = _ppo_setup(store, budget, with_sampler=side == "suite")
+    dtype = models.torch_dtype(models.resolve_precision("auto"))
     torch.manual_seed(budget["seed"])
     start = time.perf_counter()
-    with torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16):
+    with torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=dtype,
+                        enabled=dtype != torch.float32):
         if side == "suite":
             sync_sampler(sampler, policy)
             rollouts = [sample(sampler, tokenizer, ids, mask, budget["max_new_tokens"], 0.7)]
@@ -246,13 +250,16 @@ def ppo_update(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]:
 
     from ppo import core
     from ppo import train as ppo_train
+    from rlhf import models
     from rlhf.sampling import forward_response, sample
     from rlhf.config import PPOConfig, load_config
 
     tokenizer, policy, _, ids, mask, n = _ppo_setup(store, budget, with_sampler=False)
     cfg = load_config(PPOConfig, None, [f"train.batch_size={len(ids)}", f"ppo.minibatch_size={budget['batch_size']}",
                                         f"train.learning_rate={budget['learning_rate']}"])
-    accelerator = Accelerator(mixed_precision="bf16", cpu=not torch.cuda.is_available())
+    precision = models.resolve_precision("auto")  # as `rlhf ppo` at its default precision=auto
+    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
+                              cpu=not torch.cuda.is_available())
     torch.manual_seed(budget["seed"])
     with accelerator.autocast():
         rollout = sample(policy, tokenizer, ids, mask, budget["max_new_tokens"], 0.7)
