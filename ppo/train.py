@@ -71,6 +71,7 @@ class Inputs:
     prompts: Artifact
     train_prompts: list
     eval_prompts: list
+    eval_data: Artifact | None = None  # the held-out prompts' dataset, with eval_data=
 
 
 def check(cfg: PPOConfig, store: ArtifactStore, with_reward: bool = True) -> Inputs:
@@ -92,10 +93,10 @@ def check(cfg: PPOConfig, store: ArtifactStore, with_reward: bool = True) -> Inp
         if cfg.ppo.value_init == "reward":
             check_value_init(store, cfg, policy_init)
     prompts_art = store.resolve(cfg.data, kind="dataset")
-    train_rows, held_rows = rdata.prompt_sets(store, prompts_art, cfg.eval_data, cfg.train.eval_fraction,
-                                              cfg.train.seed, stage="PPO")
+    train_rows, held_rows, held_out = rdata.prompt_sets(store, prompts_art, cfg.eval_data, cfg.train.eval_fraction,
+                                                        cfg.train.seed, stage="PPO")
     train_prompts, eval_prompts = [r["prompt"] for r in train_rows], [r["prompt"] for r in held_rows]
-    return Inputs(precision, policy_init, prompts_art, train_prompts, eval_prompts)
+    return Inputs(precision, policy_init, prompts_art, train_prompts, eval_prompts, held_out)
 
 
 def check_value_init(store: ArtifactStore, cfg: PPOConfig, policy_init: Artifact) -> None:
@@ -344,6 +345,8 @@ def publish(run: Run, store: ArtifactStore, reward_artifact: Artifact | None) ->
         w.add_input("model", policy_init, loaded_as=models.loaded_as(store, policy_init))
         w.add_input("reference", policy_init)
         w.add_input("data", prompts_art)
+        if run.inputs.eval_data:
+            w.add_input("eval_data", run.inputs.eval_data)
         if reward_artifact:
             w.add_input("reward", reward_artifact)
         w.metrics.update({

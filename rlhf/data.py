@@ -397,14 +397,18 @@ def load_rows(artifact: Artifact, schema: str | None = None) -> list[dict]:
 
 
 def prompt_sets(store: ArtifactStore, prompts: Artifact, eval_ref: str | None, eval_fraction: float, seed: int,
-                stage: str) -> tuple[list[dict], list[dict]]:
+                stage: str) -> tuple[list[dict], list[dict], Artifact | None]:
     """Training and held-out prompt rows: every row of `prompts` and those of `eval_ref`, or a
-    seeded split of `prompts` that holds out `eval_fraction` of it (at least one row)."""
+    seeded split of `prompts` that holds out `eval_fraction` of it (at least one row).
+
+    Also returns `eval_ref` resolved (None without it): the version read, for the manifest's lineage.
+    """
     import torch
 
     rows = load_rows(prompts, schema="prompts")
-    if eval_ref:
-        held, train_rows = load_rows(store.resolve(eval_ref, kind="dataset"), schema="prompts"), rows
+    held_out = store.resolve(eval_ref, kind="dataset") if eval_ref else None
+    if held_out:
+        held, train_rows = load_rows(held_out, schema="prompts"), rows
     else:
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
         n_eval = max(1, round(len(rows) * eval_fraction))
@@ -412,7 +416,7 @@ def prompt_sets(store: ArtifactStore, prompts: Artifact, eval_ref: str | None, e
     if not train_rows or not held:
         raise RlhfError(f"{prompts.ref} has {len(rows)} prompts; {stage} needs training prompts and held-out prompts "
                         "(import more, or pass eval_data=<prompts ref>)")
-    return train_rows, held
+    return train_rows, held, held_out
 
 
 def split_pairs(dataset: Artifact, rows: list[dict], eval_fraction: float, seed: int, columns: list[str], stage: str):

@@ -45,6 +45,7 @@ class Inputs:
     train_rows: list[dict]
     eval_rows: list[dict]
     too_long: int  # prompts over max_prompt_length, left out
+    eval_data: Artifact | None  # the held-out prompts' dataset, with eval_data=
 
 
 def check(cfg: OnlineRLConfig, store: ArtifactStore, library_config: type, stage: str,
@@ -65,8 +66,8 @@ def check(cfg: OnlineRLConfig, store: ArtifactStore, library_config: type, stage
     tokenizer = models.load_tokenizer(policy)  # has a chat template
     reward = check_reward_checkpoint(store.resolve(cfg.reward, kind="checkpoint")) if with_reward else None
     prompts = store.resolve(cfg.data, kind="dataset")
-    train_rows, eval_rows = rdata.prompt_sets(store, prompts, cfg.eval_data, cfg.train.eval_fraction,
-                                              cfg.train.seed, stage=stage)
+    train_rows, eval_rows, held_out = rdata.prompt_sets(store, prompts, cfg.eval_data, cfg.train.eval_fraction,
+                                                        cfg.train.seed, stage=stage)
     # TRL does not cut prompts, so one longer than the model can take would fail mid-run.
     kept = []
     for rows in (train_rows, eval_rows):
@@ -77,7 +78,7 @@ def check(cfg: OnlineRLConfig, store: ArtifactStore, library_config: type, stage
         side, source = ("training", prompts.ref) if not kept[0] else ("held-out", cfg.eval_data or prompts.ref)
         raise RlhfError(f"every {side} prompt of {source} is longer than max_prompt_length={cfg.max_prompt_length} "
                         "tokens; raise max_prompt_length")
-    return Inputs(precision, policy, reward, prompts, kept[0], kept[1][:cfg.eval_prompts], too_long)
+    return Inputs(precision, policy, reward, prompts, kept[0], kept[1][:cfg.eval_prompts], too_long, held_out)
 
 
 class RewardFunction:
@@ -178,8 +179,8 @@ def train(cfg: OnlineRLConfig, store: ArtifactStore, stage: str, trainer_class: 
         if reward_art is not None:
             w.add_input("reward", reward_art)
         w.add_input("data", inputs.prompts)
-        if cfg.eval_data:
-            w.add_input("eval_data", store.resolve(cfg.eval_data, kind="dataset"))
+        if inputs.eval_data:
+            w.add_input("eval_data", inputs.eval_data)
         w.metrics.update({
             # The reward model's score alone (TRL's `reward` is the weighted sum, the same here).
             "eval_reward_initial": initial.get("eval_rewards/reward/mean"),

@@ -65,16 +65,18 @@ def test_a_toy_reward_rises_with_finite_kl(prompts_ws, stage):
 def test_the_cli_scores_with_a_reward_checkpoint_and_its_policy_generates(pref_ws, stage, capsys):
     ws = pref_ws
     assert rlhf(ws, "data", "import", "prompts", str(DEMO_DATA / "support_prompts.jsonl")) == 0
+    assert rlhf(ws, "data", "import", "prompts", str(DEMO_DATA / "support_prompts.jsonl"), "--name", "dev") == 0
     assert rlhf(ws, "sft", "train.max_steps=2", "report.to=none") == 0
     assert rlhf(ws, "reward", "train.max_steps=2", "report.to=none") == 0
     capsys.readouterr()
     assert rlhf(ws, stage, "train.max_steps=2", "train.batch_size=2", "num_generations=2", "max_new_tokens=8",
-                "eval_prompts=4", "report.to=none", "eval_gold=true") == 0
+                "eval_prompts=4", "report.to=none", "eval_gold=true", "eval_data=dev:latest") == 0
     out = capsys.readouterr().out
     assert f"wrote checkpoints/{stage}:v1" in out and out.strip().splitlines()[-1].startswith(f"{stage}: ")
     art = ArtifactStore(ws).resolve(f"{stage}:latest", kind="checkpoint")
     roles = {i["role"]: i["ref"] for i in art.manifest["inputs"]}
     assert roles["reward"] == "checkpoints/reward:v1" and roles["model"] == "checkpoints/sft:v1"
+    assert roles["data"] == "datasets/prompts:v1" and roles["eval_data"] == "datasets/dev:v1"
     # The normalised reward-model score is what was optimised and measured; the gold scorer rode
     # along at weight 0, logged every step and held out.
     m = art.manifest["metrics"]

@@ -16,6 +16,8 @@ from rlhf.config import PPOConfig, load_config
 
 def test_ppo_raises_a_toy_reward_within_a_few_dozen_iterations(tiny_ws):
     assert rlhf(tiny_ws, "data", "import", "prompts", str(DEMO_DATA / "support_prompts.jsonl")) == 0
+    # Held-out prompts from a dataset of their own, recorded in the lineage.
+    assert rlhf(tiny_ws, "data", "import", "prompts", str(DEMO_DATA / "support_prompts.jsonl"), "--name", "dev") == 0
     store = ArtifactStore(tiny_ws)
     prompts = [json.loads(line)["prompt"] for line in (DEMO_DATA / "support_prompts.jsonl").read_text().splitlines()]
     target = favourite_token(store, prompts[:32])
@@ -28,9 +30,10 @@ def test_ppo_raises_a_toy_reward_within_a_few_dozen_iterations(tiny_ws):
         "model=base:latest", "train.max_steps=30", "train.batch_size=16", "train.learning_rate=1e-2",
         "ppo.minibatch_size=8", "ppo.update_epochs=4", "ppo.max_new_tokens=8", "ppo.kl_coef=0.01",
         "ppo.missing_eos_penalty=0", "ppo.temperature=1.0", "ppo.value_init=zero", "eval_every=10",
-        "eval_prompts=16", "eval_gold=true"])
+        "eval_prompts=16", "eval_gold=true", "eval_data=dev:latest"])
     art = train(cfg, store, fraction_of_target)
     m = art.manifest["metrics"]
+    assert {i["role"]: i["ref"] for i in art.manifest["inputs"]}["eval_data"] == "datasets/dev:v1"
     history = [json.loads(line) for line in (art.path / "logs" / "ppo_log.jsonl").read_text().splitlines()]
     first, last = history[0]["score"], sum(h["score"] for h in history[-5:]) / 5
     # The untrained policy hits the target in about 1% of tokens; a policy that did not learn
@@ -49,7 +52,7 @@ def test_ppo_raises_a_toy_reward_within_a_few_dozen_iterations(tiny_ws):
     curves = tensorboard_scalars(art.path / "logs")
     assert sorted(curves["score"]) == list(range(1, 31))
     assert curves["kl"][30] == pytest.approx(history[-1]["kl"], rel=1e-5)
-    assert {i["role"] for i in art.manifest["inputs"]} == {"model", "reference", "data"}
+    assert {i["role"] for i in art.manifest["inputs"]} == {"model", "reference", "data", "eval_data"}
 
 
 def test_ppo_refuses_a_reward_ref_that_is_not_a_reward_model(tiny_ws, capsys):
