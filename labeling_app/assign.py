@@ -155,10 +155,10 @@ def _own_lease(conn: Connection, user: User, ts_id: int | None, now: dt.datetime
                ) -> tuple[Item, Assignment] | None:
     """The user's open lease, renewed: refreshing the page must show the same item."""
     for row in conn.execute(_OWN_LEASES[ts_id is not None], {"user_id": user.id, "task_set_id": ts_id}).all():
-        item_row = lock_item(conn, row.item_id)
+        live = row.lease_expires_at > now
         # Expired: it comes back only if no one took the slot meanwhile (counted under the lock).
-        if row.lease_expires_at <= now and \
-                slots_taken(conn, row.item_id, now, except_user_id=user.id) >= item_row.overlap:
+        item_row = conn.execute(_ITEM if live else _LOCK_ITEM, {"item_id": row.item_id}).first()
+        if not live and slots_taken(conn, row.item_id, now, except_user_id=user.id) >= item_row.overlap:
             continue
         conn.execute(_RENEW, {"assignment_id": row.id, "expires": expires})
         return item_of(item_row), assignment_of(row, lease_expires_at=expires)

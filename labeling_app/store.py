@@ -420,11 +420,8 @@ class LabelStore:
                 stmt = stmt.where(TaskSet.name == name)
             found = s.scalars(stmt.limit(1)).first()
             if found is None:
-                names = s.scalars(select(TaskSet.name).order_by(TaskSet.id)).all()
-        if found is None:
-            what = f"task set {name!r}" if name else f"{kind} task set" if kind else "task set"
-            have = ", ".join(names) or "none; load one with `rlhf label load candidates:vK`"
-            raise RlhfError(f"no {what} in {self.safe_url} (task sets: {have})")
+                what = f"task set {name!r}" if name else f"{kind} task set" if kind else "task set"
+                raise self._no_task_set(s.connection(), what)
         return found
 
     def task_set_id(self, conn: Connection, name: str | None) -> int | None:
@@ -438,11 +435,15 @@ class LabelStore:
         if name not in self._task_set_ids:
             found = conn.execute(select(TaskSet.id).where(TaskSet.name == name)).scalar()
             if found is None:
-                have = ", ".join(conn.execute(select(TaskSet.name).order_by(TaskSet.id)).scalars()) or \
-                    "none; load one with `rlhf label load candidates:vK`"
-                raise RlhfError(f"no task set {name!r} in {self.safe_url} (task sets: {have})")
+                raise self._no_task_set(conn, f"task set {name!r}")
             self._task_set_ids[name] = found
         return self._task_set_ids[name]
+
+    def _no_task_set(self, conn: Connection, what: str) -> RlhfError:
+        """The error for a task set that is not there, listing the ones that are."""
+        have = ", ".join(conn.execute(select(TaskSet.name).order_by(TaskSet.id)).scalars()) or \
+            "none; load one with `rlhf label load candidates:vK`"
+        return RlhfError(f"no {what} in {self.safe_url} (task sets: {have})")
 
     def task_sets(self) -> list[TaskSet]:
         with self.session() as s:

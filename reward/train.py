@@ -205,15 +205,16 @@ def evaluate(model, tokenizer, split, cfg: RewardConfig, eval_set: tuple[Artifac
         dataset, rows = eval_set
         chosen, rejected = _conversations(rows, "chosen"), _conversations(rows, "rejected")
         lengths = zip(*(training.chat_lengths(tokenizer, convs) for convs in (chosen, rejected)))
-        held_out = score(chosen) - score(rejected)
-        held_out_correct = (held_out > 0).float().numpy()
+        e_c, e_r = score(chosen), score(rejected)
+        held_out_correct = (e_c > e_r).float().numpy()
         metrics["eval_data"] = {
             "ref": dataset.ref, "pairs": len(rows),
             # Scored left-truncated, as every later scorer does; training would have dropped them.
             "pairs_longer_than_max_length": sum(max(c, r) > cfg.max_length for c, r in lengths),
             "accuracy": float(held_out_correct.mean()), "accuracy_ci95": _bootstrap_ci(held_out_correct, cfg),
-            "ece": float(expected_calibration_error(torch.sigmoid(held_out))),
-            "ece_calibrated": float(expected_calibration_error(torch.sigmoid(held_out / temperature))),
+            "ece": float(expected_calibration_error(preference_probability(e_c, e_r))),
+            "ece_calibrated": float(expected_calibration_error(preference_probability(e_c / temperature,
+                                                                                      e_r / temperature))),
         }
     return metrics, margins.tolist()
 
