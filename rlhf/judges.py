@@ -83,7 +83,8 @@ class RewardModel:
         """Calibrated P(a ≻ b) from two normalised scores: σ((r_a − r_b) / T) with the stored temperature."""
         import math
 
-        return 1 / (1 + math.exp(-self.std * (score_a - score_b) / self.temperature))
+        # σ(x) = (1 + tanh(x/2)) / 2: no exp to overflow when a confident model's margin is large.
+        return (1 + math.tanh(self.std * (score_a - score_b) / self.temperature / 2)) / 2
 
 
 # -- the demo's gold scorer ------------------------------------------------------

@@ -80,3 +80,15 @@ def test_fit_temperature_stays_in_bounds_on_degenerate_margins():
     assert fit_temperature(separable, prior_pairs=0) == 0.05  # without the prior: as confident as allowed
     assert fit_temperature(t(0.0, 0.0)) == 100.0  # no signal: as flat as allowed
     assert fit_temperature(t(-1.0, -2.0)) == 100.0  # all wrong: flatten, never flip the sign
+
+
+def test_a_reward_checkpoints_preference_probability_is_calibrated_and_never_overflows():
+    from rlhf.judges import RewardModel
+
+    judge = object.__new__(RewardModel)  # the arithmetic only: no checkpoint to load
+    judge.std, judge.temperature = 2.0, 4.0
+    # Normalised scores 1 apart are raw rewards 2 apart; at T = 4 that is σ(0.5).
+    assert judge.preference_probability(1.0, 0.0) == pytest.approx(1 / (1 + math.exp(-0.5)))
+    assert judge.preference_probability(0.0, 1.0) == pytest.approx(1 - judge.preference_probability(1.0, 0.0))
+    judge.temperature = 0.05  # a confident model: a margin that overflows exp() in the naive formula
+    assert judge.preference_probability(1000.0, 0.0) == 1.0 and judge.preference_probability(0.0, 1000.0) == 0.0
