@@ -29,13 +29,14 @@ from typing import Any
 
 from rlhf.artifacts import ArtifactStore
 
+# TRL's own LoRA defaults (`trl.ModelConfig`): its scripts train with a 0.05 adapter dropout.
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
 
 
-def _lora(task_type: str):
+def _lora(task_type: str, **override):
     from peft import LoraConfig
 
-    return LoraConfig(task_type=task_type, **LORA)
+    return LoraConfig(task_type=task_type, **{**LORA, **override})
 
 
 def _trl_args(config_cls, budget: dict, out: Path, **extra):
@@ -202,7 +203,7 @@ def _ppo_setup(store: ArtifactStore, budget: dict, with_sampler: bool):
     n = matmul_params(base)
     # In the dtype `rlhf ppo` samples in: the one the machine's auto precision names.
     sampler = merged_sampler(base, models.torch_dtype(models.resolve_precision("auto"))) if with_sampler else None
-    policy = get_peft_model(base, _lora("CAUSAL_LM"))
+    policy = get_peft_model(base, _lora("CAUSAL_LM", lora_dropout=0.0))  # as `rlhf ppo`: no adapter dropout
     prompts = [r["prompt"] for r in load_rows(store.resolve("prompts:latest"), schema="prompts")]
     prompts = prompts[:budget["rollout_prompts"]]
     ids, mask, _ = encode_prompts(tokenizer, prompts, max_prompt_length=budget["max_length"])

@@ -66,9 +66,9 @@ def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
                                                    gradient_checkpointing=checkpointing, report_to=cfg.report.to),
                          max_length=cfg.max_length, beta=cfg.beta, loss_type=loss_type,
                          precompute_ref_log_probs=cfg.precompute_ref_log_probs, **cfg.trl)
-    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
-                             processing_class=tokenizer, peft_config=peft_config,
-                             callbacks=training.callbacks(cfg.train))
+    trainer = training.length_grouped(trl.DPOTrainer)(
+        model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"], processing_class=tokenizer,
+        peft_config=peft_config, callbacks=training.callbacks(cfg.train))
     done = training.fit(trainer, scratch, cfg.train)
     if done is None:  # only the main process publishes
         return None

@@ -40,7 +40,7 @@ from rlhf.judges import raw_rewards
 def _trainer_class():
     import trl
 
-    class PairwiseRewardTrainer(trl.RewardTrainer):
+    class PairwiseRewardTrainer(training.length_grouped(trl.RewardTrainer)):
         """TRL's RewardTrainer with the loss from `reward/loss.py` (margin and centering included)."""
 
         def __init__(self, *args, center_coef: float = 0.0, **kwargs):

@@ -93,6 +93,12 @@ class FineTuneTrainConfig(TrainConfig):
                             "longest batch's estimated activations exceed half the free memory (the manifest says "
                             "what was chosen and why)")
 
+    # Off by default: faster on real data (less padding), but one epoch on the same rows measured
+    # a slightly higher held-out loss for SFT and the reward model (README, Performance).
+    group_by_length: bool = Field(
+        False, description="draw each batch from rows of similar length, in random batch order, so batches pad "
+                           "little (faster on data of mixed lengths); false = random batches")
+
     early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after K evaluations without improvement of eval_loss and keep the best "
                                 "checkpoint (needs eval_steps); checkpoints are then saved at each new best")
@@ -115,7 +121,8 @@ class AdapterConfig(Section):
 
 
 class LoraConfig(AdapterConfig):
-    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input")
+    # 0 by default: on a CPU the dropout masks cost as much as the adapter's matmuls (README, Performance).
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
 
 
 class FreezeConfig(Section):

@@ -182,6 +182,9 @@ def trainer_kwargs(train: TrainConfig, scratch: Path, precision: str, has_eval: 
         # TRL turns this on by default; the recompute costs ~30% step time, so it is on only where
         # memory needs it (`checkpointing_decision`).
         "activation_checkpointing": gradient_checkpointing,  # transformers 5's name for it
+        # Batches of rows of similar length pad far less (`LengthGroupedBatches`, `length_grouped`).
+        "train_sampling_strategy": ("group_by_length" if isinstance(train, FineTuneTrainConfig)
+                                    and train.group_by_length else "random"),
         "eval_strategy": "steps" if (has_eval and train.eval_steps) else "no",
         "eval_steps": train.eval_steps,
         "save_strategy": "steps",
@@ -257,6 +260,84 @@ def checkpointing_decision(setting: bool | str, model_config, sequences: int, le
     gb = lambda b: f"{b / 2**30:.1f} GB"
     return on, (f"auto: the longest batch ({sequences} x {length} tokens) needs ~{gb(need)} of activations, "
                 f"{'more' if on else 'less'} than half the {gb(free)} free")
+
+
+def row_lengths(dataset) -> list[int] | None:
+    """Tokens each row of a TRL-tokenised dataset puts in the padded batch, or None if unknown.
+
+    SFT rows hold `input_ids`; preference rows `chosen_ids` and `rejected_ids` (DPO also
+    `prompt_ids`), stacked in one batch, so a pair is as long as its prompt and longer side.
+    """
+    columns = dataset.column_names
+    if "input_ids" in columns:
+        return [len(x) for batch in dataset.select_columns(["input_ids"]).iter(1024) for x in batch["input_ids"]]
+    if not {"chosen_ids", "rejected_ids"} <= set(columns):
+        return None
+    sides = [c for c in ("prompt_ids", "chosen_ids", "rejected_ids") if c in columns]
+    return [len(p) + max(len(c), len(r)) for batch in dataset.select_columns(sides).iter(1024)
+            for p, c, r in zip(batch.get("prompt_ids") or [()] * len(batch["chosen_ids"]), batch["chosen_ids"],
+                               batch["rejected_ids"])]
+
+
+class LengthGroupedBatches:
+    """Training rows in batches of similar length, the batches themselves in random order.
+
+    A batch pads to its longest row, so random batches of real data carry much padding, which
+    costs time and memory. Rows are shuffled, cut into megabatches of `megabatch` batches, sorted
+    by length within each and cut into batches; then the batches are shuffled. transformers'
+    `LengthGroupedSampler` keeps each megabatch longest-first instead, so a short run sees only
+    the longest rows and every run walks long -> short. The same seed and epoch give the same
+    order, so a resumed run skips exactly the batches it had trained on.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, megabatch: int = 50):
+        self.lengths, self.batch_size, self.seed, self.megabatch = lengths, batch_size, seed, megabatch
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by the trainer at each epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        rows = torch.randperm(len(self.lengths), generator=generator).tolist()
+        size = self.megabatch * self.batch_size
+        batches = []
+        for start in range(0, len(rows), size):
+            group = sorted(rows[start:start + size], key=self.lengths.__getitem__)
+            batches += [group[i:i + self.batch_size] for i in range(0, len(group), self.batch_size)]
+        # A short last batch stays last: the loader cuts the index stream every batch_size rows.
+        short = [batches.pop()] if len(batches[-1]) < self.batch_size else []
+        for batch in [batches[b] for b in torch.randperm(len(batches), generator=generator).tolist()] + short:
+            yield from batch
+
+
+def length_grouped(trainer_cls: type) -> type:
+    """`trainer_cls` whose training batches are `LengthGroupedBatches` under
+    `train_sampling_strategy="group_by_length"` (`train.group_by_length`), and whose evaluation
+    runs through its rows shortest first (the mean loss does not depend on the order)."""
+
+    class LengthGrouped(trainer_cls):
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            lengths = row_lengths(dataset) if self.args.train_sampling_strategy == "group_by_length" else None
+            if lengths is None:
+                return super()._get_train_sampler(train_dataset)
+            return LengthGroupedBatches(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+
+        def _get_eval_sampler(self, eval_dataset):
+            lengths = row_lengths(eval_dataset) if self.args.train_sampling_strategy == "group_by_length" else None
+            if lengths is None or self.args.world_size > 1:
+                return super()._get_eval_sampler(eval_dataset)
+            return sorted(range(len(lengths)), key=lengths.__getitem__)
+
+    LengthGrouped.__name__ = LengthGrouped.__qualname__ = trainer_cls.__name__
+    return LengthGrouped
 
 
 def callbacks(train: TrainConfig) -> list:
@@ -507,6 +588,7 @@ SUITE_KEYS = {
     "seed": "train.seed", "data_seed": "train.seed", "bf16": "train.precision", "fp16": "train.precision",
     "use_cpu": "train.precision",
     "activation_checkpointing": "train.gradient_checkpointing",
+    "train_sampling_strategy": "train.group_by_length",
     "gradient_checkpointing": "train.gradient_checkpointing", "eval_steps": "train.eval_steps",
     "save_steps": "train.save_steps", "logging_steps": "train.logging_steps", "output_dir": "output",
     "max_length": "max_length",
@@ -528,6 +610,20 @@ def check_trl_keys(cfg, library_config: type, stage_keys: dict[str, str] | None 
                             f"(`rlhf <stage> --help` lists them)")
 
 
+def check_adapter_dropout(cfg, library_config: type) -> None:
+    """A LoRA dropout that TRL would switch off is a contradiction, not a setting to ignore.
+
+    TRL's reward and DPO trainers zero every dropout module by default (`disable_dropout`), the
+    adapter's included, so `lora.dropout` > 0 would be accepted and silently not applied.
+    """
+    field = getattr(library_config, "__dataclass_fields__", {}).get("disable_dropout")
+    if (field is not None and cfg.mode in ("lora", "qlora") and cfg.lora.dropout > 0
+            and cfg.trl.get("disable_dropout", field.default)):
+        raise RlhfError(f"config: lora.dropout={cfg.lora.dropout:g} would have no effect: TRL's "
+                        f"{library_config.__name__.removesuffix('Config')}Trainer turns dropout off by default; "
+                        "set lora.dropout=0, or add trl.disable_dropout=false to train with it")
+
+
 def prepare_inputs(cfg, store: ArtifactStore, library_config: type, schema: str,
                    task_type: str | None = None) -> Inputs:
     """Everything a TRL stage can fail on before any work: pass-through keys, mode, precision,
@@ -539,6 +635,7 @@ def prepare_inputs(cfg, store: ArtifactStore, library_config: type, schema: str,
     from rlhf import data, finetune, models
 
     check_trl_keys(cfg, library_config)
+    check_adapter_dropout(cfg, library_config)
     check_trackers(cfg.report.to)
     models.check_launch()
     models.check_mode(cfg.mode)

@@ -72,9 +72,9 @@ def main(cfg: SFTConfig, store: ArtifactStore) -> Artifact | None:
         completion_only_loss=True,
         **cfg.trl,
     )
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
-                             processing_class=tokenizer, peft_config=peft_config,
-                             callbacks=training.callbacks(cfg.train))
+    trainer = training.length_grouped(trl.SFTTrainer)(
+        model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"], processing_class=tokenizer,
+        peft_config=peft_config, callbacks=training.callbacks(cfg.train))
     done = training.fit(trainer, scratch, cfg.train)
 
     # 6. Publish the artifact (main process only under `accelerate launch`).

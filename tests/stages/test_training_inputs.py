@@ -151,3 +151,77 @@ def test_sft_records_its_checkpointing_choice(tiny_ws, monkeypatch):
     m = ArtifactStore(tiny_ws).resolve("checkpoints/sft:latest").manifest["metrics"]
     assert m["gradient_checkpointing"]["enabled"] and m["gradient_checkpointing"]["reason"].startswith("auto:")
     assert m["eval_loss"] < m["eval_loss_initial"] * 1.01
+
+
+def test_length_grouped_batches_pad_little_cover_every_row_once_and_keep_a_random_batch_order():
+    import random
+
+    from scipy.stats import spearmanr
+
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 500) for _ in range(1001)]  # 1001: the last batch is short
+    sampler = training.LengthGroupedBatches(lengths, batch_size=8, seed=3)
+    order = list(sampler)
+    assert sorted(order) == list(range(1001)) and len(sampler) == 1001
+    batches = [order[i:i + 8] for i in range(0, 1001, 8)]
+    assert len(batches[-1]) == 1  # the short batch comes last, so every other cut is a whole batch
+
+    def padding(bs):
+        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in bs)
+
+    shuffled = list(range(1001))
+    rng.shuffle(shuffled)
+    assert padding(batches) < 0.1 * padding([shuffled[i:i + 8] for i in range(0, 1001, 8)])
+    # Sorted within megabatches but not served in that order: a batch's length does not follow its
+    # position (transformers' LengthGroupedSampler serves each megabatch longest first, rho = -1).
+    longest = [max(lengths[i] for i in b) for b in batches[:-1]]
+    assert abs(spearmanr(range(50), longest[:50]).statistic) < 0.3
+    assert abs(spearmanr(range(len(longest)), longest).statistic) < 0.2
+    # The same seed and epoch give the same order (a resumed run skips what it trained on).
+    assert list(training.LengthGroupedBatches(lengths, 8, seed=3)) == order
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+
+
+@pytest.mark.parametrize("stage,ws", [("sft", "tiny_ws"), ("reward", "pref_ws"), ("dpo", "pref_ws")])
+def test_each_trl_stage_batches_by_length_when_told_to(stage, ws, request, monkeypatch):
+    made = []
+    init = training.LengthGroupedBatches.__init__
+
+    def record(self, lengths, *args, **kwargs):
+        made.append(lengths)
+        init(self, lengths, *args, **kwargs)
+
+    monkeypatch.setattr(training.LengthGroupedBatches, "__init__", record)
+    ws = request.getfixturevalue(ws)
+    extra = ["model=base:latest", "train.batch_size=4", "max_length=256"] if stage != "sft" else TINY
+    assert rlhf(ws, stage, *extra, "train.max_steps=1") == 0
+    assert not made  # random batches by default
+    assert rlhf(ws, stage, *extra, "train.max_steps=1", "train.group_by_length=true") == 0
+    # One length per training row, as the trainer tokenised it (TRL's column names are read).
+    assert len(made) == 1 and len(made[0]) > 8 and all(n > 0 for n in made[0])
+
+
+@pytest.mark.parametrize("stage", ["reward", "dpo"])
+def test_an_adapter_dropout_trl_would_switch_off_is_refused_before_loading(pref_ws, capsys, monkeypatch, stage):
+    from rlhf import models
+
+    for loader in ("load_causal_lm", "load_sequence_classifier"):
+        monkeypatch.setattr(models, loader, lambda *a, **k: pytest.fail("the model was loaded"))
+    assert rlhf(pref_ws, stage, "model=base:latest", "lora.dropout=0.1") == 2
+    err = capsys.readouterr().err.strip()
+    assert "lora.dropout=0.1 would have no effect" in err and "trl.disable_dropout=false" in err and "\n" not in err
+    assert not (pref_ws / "checkpoints" / stage).exists() and not any((pref_ws / ".scratch").glob("*"))
+
+
+def test_an_adapter_dropout_is_kept_where_trl_is_told_to_keep_it():
+    import trl
+
+    from rlhf.config import RewardConfig, SFTConfig, load_config
+
+    # SFT has no disable_dropout: its adapter dropout always applies.
+    training.check_adapter_dropout(load_config(SFTConfig, None, ["lora.dropout=0.1"]), trl.SFTConfig)
+    training.check_adapter_dropout(load_config(RewardConfig, None, ["lora.dropout=0.1", "trl.disable_dropout=false"]),
+                                   trl.RewardConfig)
+    training.check_adapter_dropout(load_config(RewardConfig, None, ["lora.dropout=0.1", "mode=full"]),
+                                   trl.RewardConfig)
