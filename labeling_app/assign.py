@@ -157,7 +157,7 @@ def _own_lease(conn: Connection, user: User, ts_id: int | None, now: dt.datetime
     for row in conn.execute(_OWN_LEASES[ts_id is not None], {"user_id": user.id, "task_set_id": ts_id}).all():
         live = row.lease_expires_at > now
         # Expired: it comes back only if no one took the slot meanwhile (counted under the lock).
-        item_row = conn.execute(_ITEM if live else _LOCK_ITEM, {"item_id": row.item_id}).first()
+        item_row = conn.execute(_ITEM, {"item_id": row.item_id}).first() if live else lock_item(conn, row.item_id)
         if not live and slots_taken(conn, row.item_id, now, except_user_id=user.id) >= item_row.overlap:
             continue
         conn.execute(_RENEW, {"assignment_id": row.id, "expires": expires})

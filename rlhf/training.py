@@ -322,17 +322,19 @@ def length_grouped(trainer_cls: type) -> type:
     runs through its rows shortest first (the mean loss does not depend on the order)."""
 
     class LengthGrouped(trainer_cls):
+        def _grouped_lengths(self, dataset) -> list[int] | None:
+            return row_lengths(dataset) if self.args.train_sampling_strategy == "group_by_length" else None
+
         def _get_train_sampler(self, train_dataset=None):
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
-            lengths = row_lengths(dataset) if self.args.train_sampling_strategy == "group_by_length" else None
+            lengths = self._grouped_lengths(train_dataset if train_dataset is not None else self.train_dataset)
             if lengths is None:
                 return super()._get_train_sampler(train_dataset)
             return LengthGroupedBatches(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                         self.args.data_seed if self.args.data_seed is not None else self.args.seed)
 
         def _get_eval_sampler(self, eval_dataset):
-            lengths = row_lengths(eval_dataset) if self.args.train_sampling_strategy == "group_by_length" else None
-            if lengths is None or self.args.world_size > 1:
+            lengths = self._grouped_lengths(eval_dataset) if self.args.world_size == 1 else None
+            if lengths is None:
                 return super()._get_eval_sampler(eval_dataset)
             return sorted(range(len(lengths)), key=lengths.__getitem__)
 
