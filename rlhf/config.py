@@ -292,11 +292,13 @@ class PPOHyperparameters(Section):
     kl_target: float = Field(6.0, gt=0, description="adaptive only: target KL per response, in nats")
     kl_horizon: int = Field(10000, gt=0, description="adaptive only: controller horizon, in samples")
     temperature: float = Field(0.7, gt=0, description="rollout sampling temperature (log-probs use it too)")
-    max_new_tokens: int = Field(48, ge=1, description="response length limit")
+    max_new_tokens: int = Field(64, ge=1, description="response length limit; it should cover the policy's replies, "
+                                                      "or the missing-EOS penalty teaches brevity first")
     max_prompt_length: int = Field(256, ge=8, description="longer prompts keep their last tokens and are counted")
     missing_eos_penalty: float = Field(1.0, ge=0, description="subtracted from the score of a response cut off without EOS")
     value_init: Literal["reward", "zero"] = Field(
-        "reward", description="value head start: the reward model's normalised score head, or zeros (V = 0)")
+        "zero", description="value head start: zeros (V = 0), or the reward model's normalised score head read off "
+                            "the policy's hidden states (measured worse on the demo)")
     merged_sampler: bool = Field(
         True, description="sample from a copy with the adapter merged, in the compute dtype (about 2x the tokens/s); "
                           "false samples through the adapter (always so for qlora and sharded training)")
@@ -373,7 +375,7 @@ class OnlineRLConfig(StageConfig):
     beta: float = Field(0.05, ge=0, description="KL coefficient toward the reference (the input policy, adapter off); "
                                                 "0 drops the KL term and its measurement")
     temperature: float = Field(0.7, gt=0, description="sampling temperature (log-probs use it too)")
-    max_new_tokens: int = Field(48, ge=1, description="completion length limit")
+    max_new_tokens: int = Field(64, ge=1, description="completion length limit; it should cover the policy's replies")
     max_prompt_length: int = Field(256, ge=8, description="prompts longer than this (in tokens, chat template "
                                                           "included) are left out and counted")
     missing_eos_penalty: float = Field(1.0, ge=0, description="subtracted from the reward of a completion cut off "

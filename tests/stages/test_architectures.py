@@ -49,7 +49,7 @@ def test_the_whole_loop_runs_on(arch, tmp_path, smollm2_tokenizer_dir):
     assert rlhf(ws, "dpo", "model=sft:latest", "train.max_steps=2", "train.batch_size=4", "max_length=192",
                 "kl_prompts=2", "max_new_tokens=4") == 0
     assert rlhf(ws, "ppo", "model=sft:latest", "train.max_steps=2", "train.batch_size=4", "ppo.minibatch_size=2",
-                "ppo.max_new_tokens=6", "eval_every=100", "eval_prompts=2") == 0
+                "ppo.max_new_tokens=6", "eval_every=100", "eval_prompts=2", "ppo.value_init=reward") == 0
     ppo = store.resolve("checkpoints/ppo:latest")
     history = [json.loads(line) for line in (ppo.path / "logs" / "ppo_log.jsonl").read_text().splitlines()]
     assert len(history) == 2 and all(h["kl"] == h["kl"] for h in history)  # finite, not NaN

@@ -29,7 +29,8 @@ REWARD = ["train.max_steps=2", "train.batch_size=4", "max_length=192", "bootstra
           "normalization_samples=16", "train.seed=5"]
 DPO = ["train.max_steps=2", "train.batch_size=4", "max_length=192", "kl_prompts=2", "max_new_tokens=4"]
 PPO = ["train.max_steps=1", "train.batch_size=4", "ppo.minibatch_size=2", "ppo.max_new_tokens=6", "eval_every=100",
-       "eval_prompts=2", "data=heldout:latest", "reward=reward:latest"]
+       "eval_prompts=2", "data=heldout:latest", "reward=reward:latest",
+       "ppo.value_init=reward"]  # the reward model's head onto every kind of policy, not just the default's zeros
 ONLINE = ["train.max_steps=1", "train.batch_size=2", "num_generations=2", "max_new_tokens=6", "eval_prompts=2",
           "data=heldout:latest", "reward=reward:latest", "report.to=none"]
 GREEDY = ["data=heldout:latest", "k=1", "limit=3", "sampling.temperature=0", "sampling.max_new_tokens=8"]

@@ -62,7 +62,7 @@ def test_ppo_refuses_a_reward_ref_that_is_not_a_reward_model(tiny_ws, capsys):
     assert "not a reward model" in err and "\n" not in err.strip()
 
 
-def test_a_crashed_ppo_run_resumes_from_its_saved_iteration(tiny_ws):
+def test_a_crashed_ppo_run_resumes_from_its_saved_iteration(tiny_ws, caplog):
     assert rlhf(tiny_ws, "data", "import", "prompts", str(DEMO_DATA / "support_prompts.jsonl")) == 0
     store = ArtifactStore(tiny_ws)
     calls = {"n": 0}
@@ -92,6 +92,10 @@ def test_a_crashed_ppo_run_resumes_from_its_saved_iteration(tiny_ws):
     assert [h["iteration"] for h in history] == [1, 2, 3, 4, 5, 6]
     assert m["eval_score_initial"] is not None  # the evaluation before the crash survived the resume
     assert not any((tiny_ws / ".scratch").glob("ppo-*"))
+    # The random policy almost never says EOS within 8 tokens: the first iteration warns that the
+    # missing-EOS penalty will dominate, once (the resumed run starts after it).
+    cut = [r.getMessage() for r in caplog.records if "without EOS" in r.getMessage()]
+    assert len(cut) == 1 and "raise ppo.max_new_tokens" in cut[0], cut
 
 
 def test_the_merged_sampler_matches_the_policy_with_its_adapter(tiny_ws):
@@ -183,10 +187,11 @@ def test_value_init_reward_needs_a_head_that_fits_the_policy(pref_ws, tmp_path, 
     AutoTokenizer.from_pretrained(tiny).save_pretrained(tmp_path / "narrow")
     assert rlhf(ws, "base", "import", str(tmp_path / "narrow"), "--name", "narrow") == 0
     capsys.readouterr()
-    assert rlhf(ws, "ppo", "model=narrow:latest", "reward=reward:latest") == 2
+    assert rlhf(ws, "ppo", "model=narrow:latest", "reward=reward:latest", "ppo.value_init=reward") == 2
     err = capsys.readouterr().err
     assert "hidden size 64" in err and "hidden size 32" in err and "ppo.value_init=zero" in err
     assert not (ws / "checkpoints" / "ppo").exists() and not list((ws / ".scratch").glob("ppo-*"))
     # A score function of one's own has no head to copy: value_init=reward is refused, not zeroed.
     with pytest.raises(RlhfError, match="ppo.value_init=reward needs the reward model's score head"):
-        train(load_config(PPOConfig, None, ["model=base:latest"]), ArtifactStore(ws), lambda p, t, r: None)
+        train(load_config(PPOConfig, None, ["model=base:latest", "ppo.value_init=reward"]), ArtifactStore(ws),
+              lambda p, t, r: None)
