@@ -314,7 +314,7 @@ def fit(run: Run, score_fn: RewardFn) -> None:
             if "gold" in run.evals[-1]:
                 record["eval_gold"] = run.evals[-1]["gold"]
         run.history.append(record)
-        if it == 0 and hp.missing_eos_penalty and record["eos_rate"] < 0.8:
+        if it == 0 and hp.missing_eos_penalty and record["eos_rate"] < 2 / 3:
             # The penalty is about one std of the normalised score, so a policy that is often cut
             # off first learns to be short rather than better (measured on the demo: see README).
             log.warning("ppo: %.0f%% of the first rollouts hit ppo.max_new_tokens=%d without EOS and lose "
