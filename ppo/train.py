@@ -8,7 +8,8 @@ of RLHF with PPO" (Huang et al. 2024). The math is in `ppo/core.py`; this loop o
 Models: the actor is the input checkpoint plus a LoRA adapter; the reference is the same
 weights with the adapter disabled (no second copy); the critic is a value head on the actor,
 starting at zero (or, with `ppo.value_init=reward`, as the reward model's score head); the
-reward is the normalised reward-model score. A killed run resumes from `workspace/.scratch/ppo-<run id>/` when re-run.
+reward is the normalised reward-model score. A killed run resumes from
+`workspace/.scratch/ppo-<run id>/` when re-run.
 """
 
 from __future__ import annotations
@@ -314,7 +315,7 @@ def fit(run: Run, score_fn: RewardFn) -> None:
             if "gold" in run.evals[-1]:
                 record["eval_gold"] = run.evals[-1]["gold"]
         run.history.append(record)
-        if it == 0 and hp.missing_eos_penalty and record["eos_rate"] < 2 / 3:
+        if it == 0 and hp.missing_eos_penalty and record["eos_rate"] < 2 / 3 and accelerator.is_main_process:
             # The penalty is about one std of the normalised score, so a policy that is often cut
             # off first learns to be short rather than better (measured on the demo: see README).
             log.warning("ppo: %.0f%% of the first rollouts hit ppo.max_new_tokens=%d without EOS and lose "
