@@ -45,11 +45,20 @@ def test_reward_model_learns_the_marker_and_reports_held_out_metrics(pref_ws, tm
     raw = lambda side: score(test, side) * reward.std + reward.mean
     ece = expected_calibration_error(preference_probability(raw("chosen"), raw("rejected")))
     assert float(ece) == pytest.approx(m["eval_ece"], abs=1e-3)
-    # The stored temperature is the one fitted to the held-out split's margins, and scoring uses it.
+    # The stored temperature is fitted to every held-out pair, the split's 40 and the dev set's 60,
+    # and scoring uses it.
+    dev_rows = load_rows(store.resolve("dev:latest"))
+    dev_raw = lambda side: score(dev_rows, side) * reward.std + reward.mean
+    held_out = torch.cat([raw("chosen") - raw("rejected"), dev_raw("chosen") - dev_raw("rejected")])
     temperature = m["calibration"]["temperature"]
-    assert temperature == pytest.approx(fit_temperature(raw("chosen") - raw("rejected")), rel=1e-3)
-    assert m["calibration"]["fitted_on_pairs"] == 40 and reward.temperature == temperature
-    assert 0 <= m["eval_ece_calibrated"] <= 1
+    assert temperature == pytest.approx(fit_temperature(held_out), rel=1e-3)
+    assert m["calibration"]["fitted_on_pairs"] == 100 and reward.temperature == temperature
+    # Cross-fitted: alternate pairs are scaled with the temperature of the other half, never their own.
+    even = torch.arange(100) % 2 == 0
+    scaled = torch.where(even, held_out / fit_temperature(held_out[~even]), held_out / fit_temperature(held_out[even]))
+    cross_fitted_ece = lambda part: float(expected_calibration_error(torch.sigmoid(part)))
+    assert m["eval_ece_calibrated"] == pytest.approx(cross_fitted_ece(scaled[:40]), abs=1e-3)
+    assert m["eval_data"]["ece_calibrated"] == pytest.approx(cross_fitted_ece(scaled[40:]), abs=1e-3)
     # The dev set: 60 pairs the model never saw, scored like the split.
     dev = m["eval_data"]
     assert dev["ref"] == "datasets/dev:v1" and dev["pairs"] == 60 and dev["pairs_longer_than_max_length"] == 0
