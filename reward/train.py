@@ -296,7 +296,8 @@ def write_report(metrics: dict, out_dir: Path, margins: list[float]) -> None:
         lo, hi = held_out["accuracy_ci95"]
         lines += ["", f"## {held_out['ref']} ({held_out['pairs']} pairs)", "",
                   f"- pairwise accuracy: {held_out['accuracy']:.3f} (95% bootstrap CI {lo:.3f}–{hi:.3f})",
-                  f"- ECE: {held_out['ece']:.3f}; after temperature scaling (cross-fitted): {_fmt(held_out['ece_calibrated'])}",
+                  f"- ECE: {held_out['ece']:.3f}; after temperature scaling (cross-fitted): "
+                  f"{_fmt(held_out['ece_calibrated'])}",
                   f"- pairs longer than max_length (scored left-truncated): "
                   f"{held_out['pairs_longer_than_max_length']}"]
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
