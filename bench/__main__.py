@@ -80,7 +80,8 @@ def table(result: dict) -> str:
     m = result["machine"]
     lines = [f"Machine: {m.get('cpu_model') or m['cpu']}, {m['threads']} threads, torch {m['torch']}; matmul peak "
              f"{m['peak_gflops']['bf16']:.0f} GFLOP/s bf16, {m['peak_gflops']['fp32']:.0f} fp32; the stages compute "
-             f"in {m['precision']}, whose peak is MFU's denominator. {result['date']}.",
+             f"in {m['precision']}, whose peak is MFU's denominator. {result['date']}."
+             + (f" Suite overrides: {' '.join(result['budget']['suite'])}." if result["budget"].get("suite") else ""),
              "", "| stage | side | tokens/s | peak MB | wall s | metric | MFU |", "|---|---|---|---|---|---|---|"]
     for stage, s in result["stages"].items():
         for side in ("suite", "baseline"):
@@ -104,6 +105,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", help="a local transformers checkpoint instead of the packaged SmolLM2-135M-Instruct")
     p.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and markdown go")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=f"budget overrides; keys: {', '.join(BUDGET)}")
+    p.add_argument("--suite", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides for the suite side of the trainer stages, to measure one of its levers "
+                        "off (e.g. padding_free=false)")
     args = p.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     if unknown := [s for s in stages if s not in STAGES]:
@@ -114,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         if key not in BUDGET:
             raise SystemExit(f"error: unknown budget key {key!r}; choose from {', '.join(BUDGET)}")
         budget[key] = type(BUDGET[key])(value)
+    budget["suite"] = args.suite
 
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "budget": budget, "machine": machine(args.quick),
               "stages": {}}

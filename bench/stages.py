@@ -60,7 +60,8 @@ def _suite_overrides(budget: dict, data: str, output: str) -> list[str]:
             f"train.batch_size={budget['batch_size']}", f"train.learning_rate={budget['learning_rate']}",
             f"max_length={budget['max_length']}", f"train.seed={budget['seed']}",
             f"train.eval_fraction={budget['eval_fraction']}", "train.save_steps=100000",
-            "report.to=none"]  # the baseline has report_to=[] too
+            "report.to=none",  # the baseline has report_to=[] too
+            *budget.get("suite", [])]
 
 
 def matmul_params(model) -> int:
@@ -122,8 +123,10 @@ def reward(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]:
         from reward.train import main
         from rlhf.config import RewardConfig, load_config
 
+        # truncation=drop: the rows TRL keeps (the suite's default cuts over-long pairs and trains on them).
         art = main(load_config(RewardConfig, None, [*_suite_overrides(budget, "prefs:latest", "bench-reward"),
-                                                    "normalization_samples=16", "bootstrap_samples=100"]), store)
+                                                    "normalization_samples=16", "bootstrap_samples=100",
+                                                    "truncation=drop"]), store)
         m = art.manifest["metrics"]
         tokens, wall = m["train_tokens"], m["wall_s"]
         model = AutoModelForSequenceClassification.from_pretrained(art.path)

@@ -69,7 +69,7 @@ def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
     trainer = training.length_grouped(trl.DPOTrainer)(
         model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"], processing_class=tokenizer,
         peft_config=peft_config, callbacks=training.callbacks(cfg.train))
-    done = training.fit(trainer, scratch, cfg.train)
+    done = training.fit(trainer, scratch, cfg.train, cfg.padding_free)
     if done is None:  # only the main process publishes
         return None
     initial, final = done.initial, done.final
@@ -103,6 +103,7 @@ def main(cfg: DPOConfig, store: ArtifactStore) -> Artifact | None:
             **({"data_mix": data_mix} if len(data_mix) > 1 else {}),
             **mode_facts,
             "gradient_checkpointing": {"enabled": checkpointing, "reason": why},
+            "padding_free": done.padding_free,
             **done.stop,
             **run_metrics,
         })

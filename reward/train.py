@@ -8,7 +8,10 @@
     rlhf reward train.eval_steps=20 train.early_stopping_patience=3 # stop on held-out pairwise loss
     rlhf reward eval_data=hh-dev:latest                              # also score an explicit held-out set
 
-The model is a one-output sequence classifier initialised from the input checkpoint. After
+The model is a one-output sequence classifier initialised from the input checkpoint. A pair longer
+than max_length keeps the last max_length tokens of each side (`truncation=left`; `drop` skips it,
+as TRL does), and the decoder runs each batch's sequences packed into shared rows instead of
+padded (`padding_free`, where the model keeps packed sequences apart; checked on load). After
 training it is scored on a held-out split it never saw: pairwise accuracy with a bootstrap
 95% CI, accuracy by margin bucket, calibration (ECE), and the mean/std of its rewards on
 the training responses, saved as the normalisation that `rlhf score` and PPO apply.
@@ -25,6 +28,7 @@ dataset too (accuracy, CI, ECE before and after).
 from __future__ import annotations
 
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -96,20 +100,18 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
     split, data_mix = training.split_and_mix(inputs, cfg, lambda dataset, rows: rdata.split_pairs(
         dataset, rows, cfg.train.eval_fraction, cfg.train.seed, columns, stage="a reward model"))
 
-    # 3. Lengths as TRL will tokenise them, before any model loads: TRL drops a pair whose chosen or
-    #    rejected side is longer than max_length; then whether the longest batch needs checkpointing.
+    # 3. Tokenised as TRL would, over-long pairs cut or dropped; then whether the longest batch needs
+    #    checkpointing.
     tokenizer = models.load_tokenizer(init)
-    pair_lengths = [max(c, r) for c, r in zip(*(training.chat_lengths(tokenizer, _conversations(split["train"], side))
-                                                  for side in ("chosen", "rejected")))]
-    kept = [n for n in pair_lengths if n <= cfg.max_length]
-    too_long = len(pair_lengths) - len(kept)
-    if not kept:
+    train_set, too_long = _tokenized(tokenizer, split["train"], cfg)
+    eval_split, _ = _tokenized(tokenizer, split["test"], cfg)
+    if not len(train_set):
         raise RlhfError(f"all {too_long} training pairs of {', '.join(d.ref for d in inputs.datasets)} are longer "
-                        f"than max_length={cfg.max_length} tokens; raise max_length (the shortest has "
-                        f"{min(pair_lengths)})")
-    # Each batch holds the chosen and the rejected side of every pair.
+                        f"than max_length={cfg.max_length} tokens; raise max_length or set truncation=left")
+    longest = max(max(len(c), len(r)) for c, r in zip(train_set["chosen_ids"], train_set["rejected_ids"]))
+    # Each batch holds the chosen and the rejected side of every pair; packed, never more tokens than that.
     checkpointing, why = training.checkpointing_decision(
-        cfg.train.gradient_checkpointing, models.model_config(store, init), 2 * cfg.train.batch_size, max(kept))
+        cfg.train.gradient_checkpointing, models.model_config(store, init), 2 * cfg.train.batch_size, longest)
 
     # 4. Model: the input checkpoint with a new one-output head, and the training mode on top.
     model = models.load_sequence_classifier(store, init, cfg.mode, pad_token_id=tokenizer.pad_token_id,
@@ -122,10 +124,12 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
     args = trl.RewardConfig(**training.trainer_kwargs(cfg.train, scratch, inputs.precision, has_eval=True,
                                                       gradient_checkpointing=checkpointing, report_to=cfg.report.to),
                             max_length=cfg.max_length, **cfg.trl)
-    trainer = _trainer_class()(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
+    trainer = _trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_split,
                                processing_class=tokenizer, peft_config=peft_config, center_coef=cfg.center_coef,
                                callbacks=training.callbacks(cfg.train))
-    run = training.train_resumable(trainer, scratch)
+    packing = training.padding_free_decision(trainer.model, cfg.padding_free)
+    with training.packed_backbone(trainer.model) if packing["enabled"] else nullcontext():
+        run = training.train_resumable(trainer, scratch)
 
     trainer.accelerator.wait_for_everyone()
     if not trainer.accelerator.is_main_process:
@@ -153,12 +157,13 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
         w.metrics.update(metrics)
         w.metrics.update({
             "train_pairs": len(trainer.train_dataset),
-            "train_pairs_too_long": too_long,
+            "train_pairs_too_long": too_long,  # cut or dropped, as `truncation` says
             "eval_pairs": len(split["test"]),
             **({"data_mix": data_mix} if len(data_mix) > 1 else {}),
             "used_margin": use_margin,
             **mode_facts,
             "gradient_checkpointing": {"enabled": checkpointing, "reason": why},
+            "padding_free": packing,
             **stop,
             **run_metrics,
         })
@@ -168,6 +173,29 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
 
 def _conversations(rows, side: str) -> list:
     return [r["prompt"] + r[side] for r in rows]
+
+
+def _tokenized(tokenizer, pairs, cfg: RewardConfig):
+    """`pairs` as TRL tokenises them (the chat template over prompt + response: `chosen_ids`,
+    `rejected_ids`, and `margin` where there is one), with each pair longer than max_length cut
+    to the last max_length tokens of each side (truncation=left) or dropped (drop); and how many
+    pairs were too long. Cutting from the left keeps the replies being compared, and is how
+    `rlhf score`, PPO and this stage's own evaluation read a long conversation."""
+    from datasets import Dataset
+
+    chosen, rejected = (tokenizer.apply_chat_template(_conversations(pairs, side), tokenize=True, return_dict=False)
+                        for side in ("chosen", "rejected"))
+    margins = pairs["margin"] if "margin" in pairs.column_names else None
+    rows, too_long = [], 0
+    for i, (c, r) in enumerate(zip(chosen, rejected)):
+        if max(len(c), len(r)) > cfg.max_length:
+            too_long += 1
+            if cfg.truncation == "drop":
+                continue
+        rows.append({"chosen_ids": c[-cfg.max_length:], "rejected_ids": r[-cfg.max_length:],
+                     **({"margin": margins[i]} if margins is not None else {})})
+    columns = ["chosen_ids", "rejected_ids"] + (["margin"] if margins is not None else [])
+    return Dataset.from_list(rows) if rows else Dataset.from_dict({c: [] for c in columns}), too_long
 
 
 def evaluate(model, tokenizer, split, cfg: RewardConfig, eval_set: tuple[Artifact, list] | None = None

@@ -181,7 +181,8 @@ ADAPTER_MODES = ("lora", "qlora", "peft")
 
 
 class FineTuneConfig(StageConfig):
-    """What sft and reward share: which weights train, and the mix of datasets they learn from."""
+    """What sft, reward and dpo share: which weights train, the mix of datasets they learn from, and how
+    batches run."""
 
     data: str | list[str] = Field(description="dataset ref, or a list of them: [a:latest, b:v2]")
     data_weights: list[float] | None = Field(
@@ -196,6 +197,8 @@ class FineTuneConfig(StageConfig):
     lora: LoraConfig = LoraConfig()
     freeze: FreezeConfig = FreezeConfig()
     peft: PeftMethodConfig = PeftMethodConfig()
+    padding_free: bool = Field(True, description="run the decoder on each batch's sequences packed into as few rows "
+                                                 "as hold them, instead of padded to the longest (checked on load)")
 
     @property
     def data_refs(self) -> list[str]:
@@ -249,13 +252,22 @@ class SFTConfig(FineTuneConfig):
         return self
 
 
+class RewardTrainConfig(FineTuneTrainConfig):
+    # On the 299 HH dev pairs after one epoch: 62.2% at 2e-4, 64.9% at 5e-4 (plain TRL at its 1e-4: 60.5%).
+    learning_rate: float = Field(5e-4, gt=0, description="peak learning rate")
+
+
 class RewardConfig(FineTuneConfig):
     model: str = "sft:latest"
     data: str | list[str] = "preferences:latest"
     output: ArtifactName = "reward"
+    train: RewardTrainConfig = RewardTrainConfig()
     eval_data: str | None = Field(None, description="preferences ref scored after training besides the held-out "
                                                     "split, e.g. a dev set; never trained on")
-    max_length: int = Field(512, ge=8, description="tokens per prompt+response; longer pairs are dropped and counted")
+    max_length: int = Field(512, ge=8, description="tokens per prompt+response")
+    truncation: Literal["left", "drop"] = Field(
+        "left", description="a pair longer than max_length: left = each side keeps its last max_length tokens, "
+                            "as rlhf score and PPO read it; drop = the pair is skipped (TRL's behaviour); both counted")
     use_margin: bool = Field(True, description="use the dataset's margin column where every row has one")
     center_coef: float = Field(0.0, ge=0, description="weight of the reward-centering term mean((r_c+r_r)^2)")
     bootstrap_samples: int = Field(1000, ge=100, description="resamples for the held-out accuracy CI")

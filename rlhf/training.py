@@ -11,7 +11,7 @@ import logging
 import resource
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -409,6 +409,130 @@ def fast_lm_head_on_cpu() -> Iterator[None]:
         chunked_logprob._addmm_fp32, trl_utils._use_triton = saved
 
 
+def first_fit_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
+    """Bin packing, first fit decreasing: the indices of `lengths` in rows of at most `row_tokens`
+    (a longer sequence gets a row of its own)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[i]), len(rows))
+        if row == len(rows):
+            rows.append([])
+            room.append(row_tokens)
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    return rows
+
+
+def _backbone(model):
+    """The decoder inside a (DDP-, peft-wrapped) transformers model, or None."""
+    import torch
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    return backbone if isinstance(backbone, torch.nn.Module) else None
+
+
+@contextmanager
+def packed_backbone(model) -> Iterator[None]:
+    """Run the decoder of `model` padding-free for the block.
+
+    A batch of right-padded rows (SFT's; the chosen and rejected sides of DPO's and the reward
+    model's pairs) is packed into as few rows of the batch's width as hold it, longest first into
+    the first row with room, each sequence with position ids from 0; the decoder's hidden states
+    are then put back in the padded layout, so the heads and losses above it see what they always
+    see. Without an attention mask, transformers reads the sequence boundaries from the position
+    ids, so no token attends across them. Over an epoch of the HH pairs in batches of 8 at 512
+    tokens, padded rows hold 2.15 tokens per token of text; packed, 1.12. Batches with a cache,
+    explicit position ids or left padding (sampling) run as they come.
+    """
+    import torch
+
+    backbone = _backbone(model)
+    if backbone is None:
+        yield
+        return
+    forward = backbone.forward
+
+    def packed(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
+        right_padded = (attention_mask is not None and attention_mask.dim() == 2
+                        and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()))
+        if input_ids is None or not right_padded or position_ids is not None or past_key_values is not None:
+            return forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           past_key_values=past_key_values, **kwargs)
+        width, device = input_ids.shape[1], input_ids.device
+        lengths = attention_mask.sum(1).tolist()
+        rows = first_fit_rows(lengths, width)
+        ids = torch.zeros((len(rows), width), dtype=input_ids.dtype, device=device)
+        positions = torch.zeros_like(ids)
+        # Where each padded slot's hidden state is in the packed rows (padding reads slot 0).
+        source = torch.zeros(input_ids.shape, dtype=torch.long, device=device)
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                n = lengths[i]
+                ids[r, at:at + n] = input_ids[i, :n]
+                positions[r, at:at + n] = torch.arange(n, device=device)
+                source[i, :n] = torch.arange(r * width + at, r * width + at + n, device=device)
+                at += n
+            positions[r, at:] = torch.arange(width - at, device=device)  # the padding tail: a sequence of its own
+        kwargs["use_cache"] = False  # with a cache, transformers would not read boundaries from positions
+        out = forward(input_ids=ids, position_ids=positions, **kwargs)
+        out["last_hidden_state"] = out.last_hidden_state.flatten(0, 1)[source]
+        return out
+
+    own = backbone.__dict__.get("forward")  # a forward something else patched in, if any
+    backbone.forward = packed
+    try:
+        yield
+    finally:
+        if own is None:
+            del backbone.forward  # the class's own forward again
+        else:
+            backbone.forward = own
+
+
+def padding_free_decision(model, enabled: bool) -> dict[str, Any]:
+    """Whether to train `model` padding-free (`packed_backbone`), and why: three short sequences in a
+    batch whose last two share a packed row must give the hidden states they give alone.
+    transformers separates packed sequences only where the architecture builds its attention mask
+    from position ids."""
+    import torch
+
+    if not enabled:
+        return {"enabled": False, "reason": "padding_free=false"}
+    backbone = _backbone(model)
+    if backbone is None:
+        return {"enabled": False, "reason": f"{type(model).__name__} has no decoder to run packed"}
+    vocab = backbone.get_input_embeddings().num_embeddings
+    sequences = [[(7 * i + k) % vocab for i in range(n)] for k, n in ((11, 16), (23, 8), (37, 8))]
+    device = next(model.parameters()).device
+    hidden = lambda ids, mask: backbone(input_ids=torch.tensor(ids, device=device), use_cache=False,
+                                        attention_mask=torch.tensor(mask, device=device)).last_hidden_state.float()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            alone = [hidden([ids], [[1] * len(ids)])[0] for ids in sequences]
+            with packed_backbone(model):
+                batch = hidden([ids + [0] * (16 - len(ids)) for ids in sequences],
+                               [[1] * len(ids) + [0] * (16 - len(ids)) for ids in sequences])
+    except TypeError as e:  # a decoder that takes no position ids
+        return {"enabled": False, "reason": f"{type(backbone).__name__} cannot run packed rows ({e})"}
+    finally:
+        model.train(was_training)
+    # The two layouts run different kernels: fp32 agrees to ~1e-6, bf16 or fp16 compute to ~1e-2.
+    tol = 1e-3 if next(backbone.parameters()).dtype == torch.float32 else 3e-2
+    worst = max(float((batch[i, :len(a)] - a).abs().max() / a.abs().max().clamp(min=1e-6))
+                for i, a in enumerate(alone))
+    if worst <= tol:
+        return {"enabled": True, "reason": "packed sequences match their unpacked selves"}
+    return {"enabled": False, "reason": f"{type(backbone).__name__} let packed sequences see each other "
+                                        f"(hidden states off by {worst:.1e} of their scale)"}
+
+
 def peak_memory_mb() -> float:
     """Peak CUDA memory allocated if on a GPU, else this process's peak RSS."""
     import torch
@@ -555,21 +679,23 @@ class Fit:
     final: dict[str, float]
     run: TrainRun
     stop: dict[str, Any]
+    padding_free: dict[str, Any]
 
 
-def fit(trainer, scratch: Path, train: TrainConfig) -> Fit | None:
+def fit(trainer, scratch: Path, train: TrainConfig, padding_free: bool = False) -> Fit | None:
     """Evaluate, train (resuming an identical killed run), evaluate again.
 
     None on every process but the main one, which alone publishes under `accelerate launch`.
     """
     distinct_event_files(trainer)
-    with fast_lm_head_on_cpu():
+    packing = padding_free_decision(trainer.model, padding_free)
+    with fast_lm_head_on_cpu(), (packed_backbone(trainer.model) if packing["enabled"] else nullcontext()):
         initial = trainer.evaluate()
         run = train_resumable(trainer, scratch)
         stop = stop_metrics(trainer, train)  # before the final evaluation, which is not a patience step
         final = trainer.evaluate()
     trainer.accelerator.wait_for_everyone()
-    return Fit(initial, final, run, stop) if trainer.accelerator.is_main_process else None
+    return Fit(initial, final, run, stop, packing) if trainer.accelerator.is_main_process else None
 
 
 @dataclass
@@ -589,7 +715,7 @@ SUITE_KEYS = {
     "gradient_accumulation_steps": "train.grad_accum", "learning_rate": "train.learning_rate",
     "seed": "train.seed", "data_seed": "train.seed", "bf16": "train.precision", "fp16": "train.precision",
     "use_cpu": "train.precision",
-    "activation_checkpointing": "train.gradient_checkpointing",
+    "activation_checkpointing": "train.gradient_checkpointing", "padding_free": "padding_free",
     "train_sampling_strategy": "train.group_by_length",
     "gradient_checkpointing": "train.gradient_checkpointing", "eval_steps": "train.eval_steps",
     "save_steps": "train.save_steps", "logging_steps": "train.logging_steps", "output_dir": "output",

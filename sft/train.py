@@ -75,7 +75,7 @@ def main(cfg: SFTConfig, store: ArtifactStore) -> Artifact | None:
     trainer = training.length_grouped(trl.SFTTrainer)(
         model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"], processing_class=tokenizer,
         peft_config=peft_config, callbacks=training.callbacks(cfg.train))
-    done = training.fit(trainer, scratch, cfg.train)
+    done = training.fit(trainer, scratch, cfg.train, cfg.padding_free)
 
     # 6. Publish the artifact (main process only under `accelerate launch`).
     if done is None:
@@ -102,6 +102,7 @@ def main(cfg: SFTConfig, store: ArtifactStore) -> Artifact | None:
             "merged": cfg.merge,
             **length_facts,
             "gradient_checkpointing": {"enabled": checkpointing, "reason": why},
+            "padding_free": done.padding_free,
             **done.stop,
             **metrics,
         })

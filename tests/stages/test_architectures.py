@@ -46,6 +46,8 @@ def test_the_whole_loop_runs_on(arch, tmp_path, smollm2_tokenizer_dir):
     assert store.resolve("candidates:latest").manifest["metrics"]["responses"] > 0
     assert rlhf(ws, "reward", "model=sft:latest", "train.max_steps=2", "train.batch_size=4", "max_length=192",
                 "bootstrap_samples=100", "normalization_samples=16") == 0
+    # Each family keeps sequences packed into one row apart, so the reward model trains padding-free.
+    assert store.resolve("checkpoints/reward:latest").manifest["metrics"]["padding_free"]["enabled"]
     assert rlhf(ws, "dpo", "model=sft:latest", "train.max_steps=2", "train.batch_size=4", "max_length=192",
                 "kl_prompts=2", "max_new_tokens=4") == 0
     assert rlhf(ws, "ppo", "model=sft:latest", "train.max_steps=2", "train.batch_size=4", "ppo.minibatch_size=2",

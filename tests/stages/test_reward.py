@@ -109,6 +109,9 @@ def test_bad_reward_inputs_fail_clearly(pref_ws, tmp_path, capsys):
     assert "needs a 'preferences' dataset" in capsys.readouterr().err
     assert rlhf(pref_ws, "reward", "model=base:latest", "eval_data=nothing:latest") == 2
     assert "nothing" in capsys.readouterr().err
+    assert rlhf(pref_ws, "reward", "model=base:latest", "truncation=right") == 2
+    err = capsys.readouterr().err.strip()
+    assert "truncation" in err and "'left' or 'drop'" in err and "\n" not in err
     assert not (pref_ws / "checkpoints" / "reward").exists()
 
 
@@ -128,3 +131,54 @@ def test_reward_early_stopping_watches_the_held_out_pairwise_loss(pref_ws):
     assert sorted(evals) == [5, 10]
     assert m["best_step"] == min(evals, key=evals.get) and m["best_eval_loss"] == min(evals.values())
     assert m["restored_best_checkpoint"] is True
+
+
+def test_packed_batches_train_as_padded_ones_do(pref_ws):
+    # In fp32, a run whose batches are packed into shared rows takes the same steps as a padded run.
+    runs = {}
+    for packed in ("true", "false"):
+        assert rlhf(pref_ws, "reward", "model=base:latest", "train.max_steps=6", "train.learning_rate=3e-3",
+                    "train.logging_steps=1", "train.precision=fp32", "max_length=256", f"padding_free={packed}",
+                    f"output=r-{packed}", "bootstrap_samples=100", "normalization_samples=16") == 0
+        art = ArtifactStore(pref_ws).resolve(f"r-{packed}:latest")
+        log = [json.loads(line) for line in (art.path / "logs" / "train_log.jsonl").read_text().splitlines()]
+        runs[packed] = art.manifest["metrics"], [e["loss"] for e in log if "loss" in e]
+    (packed, packed_losses), (padded, padded_losses) = runs["true"], runs["false"]
+    assert packed["padding_free"] == {"enabled": True, "reason": "packed sequences match their unpacked selves"}
+    assert padded["padding_free"] == {"enabled": False, "reason": "padding_free=false"}
+    assert len(packed_losses) == 6 and packed_losses == pytest.approx(padded_losses, rel=1e-4)
+    assert packed_losses[-1] < packed_losses[0]
+    assert packed["train_tokens"] == padded["train_tokens"]
+    # The final scoring runs in bf16 where the CPU has it, which rounds the two alike models apart a little.
+    assert packed["eval_loss"] == pytest.approx(padded["eval_loss"], rel=1e-2)
+
+
+def test_over_long_pairs_are_cut_from_the_left_or_dropped(pref_ws, capsys):
+    # The marker pairs have 139-300 tokens. At 100 every one is too long: cut from the left, each
+    # keeps its final reply and with it the marker the model must learn; dropped, nothing is left.
+    common = ["model=base:latest", "train.learning_rate=3e-3", "bootstrap_samples=100", "normalization_samples=16"]
+    assert rlhf(pref_ws, "reward", *common, "max_length=100", "train.max_steps=60", "output=left") == 0
+    capsys.readouterr()
+    assert rlhf(pref_ws, "reward", *common, "max_length=100", "truncation=drop") == 2
+    err = capsys.readouterr().err.strip()
+    assert "all 180 training pairs of datasets/preferences:v1 are longer than max_length=100" in err
+    assert "truncation=left" in err and "\n" not in err
+    assert rlhf(pref_ws, "reward", *common, "max_length=170", "train.max_steps=2", "truncation=drop",
+                "output=drop") == 0
+    store = ArtifactStore(pref_ws)
+    left, drop = (store.resolve(f"{name}:latest").manifest["metrics"] for name in ("left", "drop"))
+    assert left["train_pairs"] == left["train_pairs_too_long"] == 180 and left["eval_accuracy"] >= 0.9
+    assert 0 < drop["train_pairs_too_long"] < 180 and drop["train_pairs"] == 180 - drop["train_pairs_too_long"]
+    assert not (pref_ws / "checkpoints" / "reward").exists()
+
+
+def test_a_model_that_lets_packed_sequences_see_each_other_trains_padded(pref_ws, monkeypatch):
+    import transformers.masking_utils
+
+    # As an architecture that builds a plain causal mask whatever the position ids say.
+    monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    assert rlhf(pref_ws, "reward", "model=base:latest", "train.max_steps=2", "max_length=256",
+                "bootstrap_samples=100", "normalization_samples=16") == 0
+    used = ArtifactStore(pref_ws).resolve("reward:latest").manifest["metrics"]["padding_free"]
+    assert used["enabled"] is False
+    assert used["reason"].startswith("LlamaModel let packed sequences see each other (hidden states off by")

@@ -51,7 +51,7 @@ def test_reward_with_every_pair_too_long_fails_before_loading_and_leaves_nothing
     from rlhf import models
 
     monkeypatch.setattr(models, "load_sequence_classifier", lambda *a, **k: pytest.fail("the model was loaded"))
-    assert rlhf(pref_ws, "reward", "model=base:latest", "max_length=16") == 2
+    assert rlhf(pref_ws, "reward", "model=base:latest", "max_length=16", "truncation=drop") == 2
     err = capsys.readouterr().err.strip()
     assert "training pairs of datasets/preferences:v1 are longer than max_length=16" in err
     assert not (pref_ws / "checkpoints" / "reward").exists() and not any((pref_ws / ".scratch").glob("*"))
@@ -225,3 +225,30 @@ def test_an_adapter_dropout_is_kept_where_trl_is_told_to_keep_it():
                                    trl.RewardConfig)
     training.check_adapter_dropout(load_config(RewardConfig, None, ["lora.dropout=0.1", "mode=full"]),
                                    trl.RewardConfig)
+
+
+def test_first_fit_rows_put_the_longest_first_into_the_first_row_with_room():
+    assert training.first_fit_rows([4, 3, 2, 5], 6) == [[3], [0, 2], [1]]
+    assert training.first_fit_rows([7, 1], 6) == [[0], [1]]  # too long for any row: one of its own
+
+
+@pytest.mark.parametrize("stage,ws", [("sft", "tiny_ws"), ("dpo", "pref_ws")])
+def test_each_trl_stage_trains_padding_free_as_it_trains_padded(stage, ws, request, capsys):
+    # In fp32 the packed decoder takes the same steps as the padded one.
+    ws = request.getfixturevalue(ws)
+    extra = ["model=base:latest", "train.batch_size=4", "max_length=256"] if stage != "sft" else TINY
+    runs = {}
+    for packed in ("true", "false"):
+        assert rlhf(ws, stage, *extra, "train.max_steps=4", "train.logging_steps=1", "train.precision=fp32",
+                    f"padding_free={packed}", f"output={stage}-{packed}") == 0
+        art = ArtifactStore(ws).resolve(f"checkpoints/{stage}-{packed}:latest")
+        log = [json.loads(line) for line in (art.path / "logs" / "train_log.jsonl").read_text().splitlines()]
+        runs[packed] = art.manifest["metrics"], [e["loss"] for e in log if "loss" in e]
+    (packed, packed_losses), (padded, padded_losses) = runs["true"], runs["false"]
+    assert packed["padding_free"]["enabled"] and not padded["padding_free"]["enabled"]
+    assert len(packed_losses) == 4 and packed_losses == pytest.approx(padded_losses, rel=1e-4)
+    assert packed["eval_loss"] == pytest.approx(padded["eval_loss"], rel=1e-4)
+    capsys.readouterr()
+    # TRL's own padding_free is the suite's key.
+    assert rlhf(ws, stage, *extra, "trl.padding_free=true") == 2
+    assert "set padding_free=... instead" in capsys.readouterr().err
