@@ -28,7 +28,6 @@ dataset too (accuracy, CI, ECE before and after).
 from __future__ import annotations
 
 import shutil
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -127,8 +126,7 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_split,
                                processing_class=tokenizer, peft_config=peft_config, center_coef=cfg.center_coef,
                                callbacks=training.callbacks(cfg.train))
-    packing = training.padding_free_decision(trainer.model, cfg.padding_free)
-    with training.packed_backbone(trainer.model) if packing["enabled"] else nullcontext():
+    with training.packed_where_safe(trainer.model, cfg.padding_free) as packing:
         run = training.train_resumable(trainer, scratch)
 
     trainer.accelerator.wait_for_everyone()

@@ -494,6 +494,14 @@ def packed_backbone(model) -> Iterator[None]:
             backbone.forward = own
 
 
+@contextmanager
+def packed_where_safe(model, enabled: bool) -> Iterator[dict[str, Any]]:
+    """`packed_backbone` for the block where `padding_free_decision` allows it; yields the decision."""
+    decision = padding_free_decision(model, enabled)
+    with packed_backbone(model) if decision["enabled"] else nullcontext():
+        yield decision
+
+
 def padding_free_decision(model, enabled: bool) -> dict[str, Any]:
     """Whether to train `model` padding-free (`packed_backbone`), and why: three short sequences in a
     batch whose last two share a packed row must give the hidden states they give alone.
@@ -688,8 +696,7 @@ def fit(trainer, scratch: Path, train: TrainConfig, padding_free: bool = False) 
     None on every process but the main one, which alone publishes under `accelerate launch`.
     """
     distinct_event_files(trainer)
-    packing = padding_free_decision(trainer.model, padding_free)
-    with fast_lm_head_on_cpu(), (packed_backbone(trainer.model) if packing["enabled"] else nullcontext()):
+    with fast_lm_head_on_cpu(), packed_where_safe(trainer.model, padding_free) as packing:
         initial = trainer.evaluate()
         run = train_resumable(trainer, scratch)
         stop = stop_metrics(trainer, train)  # before the final evaluation, which is not a patience step
