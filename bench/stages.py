@@ -153,7 +153,7 @@ def _preference_trainer(trainer_cls, config_cls, store: ArtifactStore, budget: d
     prefs = store.resolve("prefs:latest")
     split = split_pairs(prefs, load_rows(prefs), budget["eval_fraction"], budget["seed"],
                         ["prompt", "chosen", "rejected"], stage="the benchmark")
-    out = Path(tempfile.mkdtemp(prefix="bench-trl-"))
+    out = Path(tempfile.mkdtemp(prefix="trl-", dir=store.root))  # removed with the bench's workspace
     return trainer_cls(model=model, args=_trl_args(config_cls, budget, out), train_dataset=split["train"],
                        eval_dataset=split["test"], processing_class=models.load_tokenizer(store.resolve("base:latest")),
                        peft_config=_lora(task_type))
@@ -245,8 +245,9 @@ def ppo_update(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]:
     """PPO's optimisation phase on one fixed rollout batch: `ppo.update_epochs` passes of minibatches.
 
     Both sides sample the same batch through the policy. The suite projects only the response
-    positions to the vocabulary (`logits_to_keep`); the baseline, like a plain
-    `model(...).logits`, projects every position, the prompt's included.
+    positions to the vocabulary (`logits_to_keep`) and runs the rollout padding-free, as `rlhf ppo`
+    does at its defaults; the baseline, like a plain `model(...).logits`, projects every position,
+    the prompt's included, of the padded batch.
     """
     import torch
     from accelerate import Accelerator
@@ -254,13 +255,14 @@ def ppo_update(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]:
 
     from ppo import core
     from ppo import train as ppo_train
-    from rlhf import models
+    from rlhf import models, training
     from rlhf.sampling import forward_response, sample
     from rlhf.config import PPOConfig, load_config
 
     tokenizer, policy, _, ids, mask, n = _ppo_setup(store, budget, with_sampler=False)
     cfg = load_config(PPOConfig, None, [f"train.batch_size={len(ids)}", f"ppo.minibatch_size={budget['batch_size']}",
-                                        f"train.learning_rate={budget['learning_rate']}"])
+                                        f"train.learning_rate={budget['learning_rate']}",
+                                        *(budget.get("suite", []) if side == "suite" else [])])
     precision = models.resolve_precision("auto")  # as `rlhf ppo` at its default precision=auto
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
                               cpu=not torch.cuda.is_available())
@@ -279,21 +281,22 @@ def ppo_update(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]:
     # A fixed synthetic score (response length), so both sides optimise the same objective.
     score = rollout.response_mask.sum(dim=1) / budget["max_new_tokens"]
     model = ppo_train.ActorCritic(policy, nn.Linear(policy.config.hidden_size, 1), 0.7)
-    with torch.no_grad(), accelerator.autocast():
-        out = model(rollout)
-        with policy.disable_adapter():
-            ref = forward_response(policy, rollout, 0.7)["logprobs"]
-    rewards, _ = core.kl_penalized_rewards(score, out["logprobs"], ref, rollout.response_mask, 0.05)
-    values = out["values"] * rollout.response_mask
-    advantages, returns = core.gae(rewards, values, rollout.response_mask, 1.0, 0.95)
-    advantages = core.masked_whiten(advantages, rollout.response_mask)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=budget["learning_rate"])
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
-    start = time.perf_counter()
-    stats = ppo_train.ppo_update(model, optimizer, accelerator, rollout, out["logprobs"], values, advantages, returns,
-                                 cfg)
-    wall = time.perf_counter() - start
+    with training.packed_where_safe(policy, side == "suite" and cfg.padding_free):
+        with torch.no_grad(), accelerator.autocast():
+            out = model(rollout)
+            with policy.disable_adapter():
+                ref = forward_response(policy, rollout, 0.7)["logprobs"]
+        rewards, _ = core.kl_penalized_rewards(score, out["logprobs"], ref, rollout.response_mask, 0.05)
+        values = out["values"] * rollout.response_mask
+        advantages, returns = core.gae(rewards, values, rollout.response_mask, 1.0, 0.95)
+        advantages = core.masked_whiten(advantages, rollout.response_mask)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=budget["learning_rate"])
+        model, optimizer = accelerator.prepare(model, optimizer)
+        model.train()
+        start = time.perf_counter()
+        stats = ppo_train.ppo_update(model, optimizer, accelerator, rollout, out["logprobs"], values, advantages,
+                                     returns, cfg)
+        wall = time.perf_counter() - start
     tokens = cfg.ppo.update_epochs * int(rollout.attention_mask.sum())
     return {"tokens": tokens, "wall_s": wall, "metric": stats["policy_loss"], "metric_name": "mean policy loss",
             "flops": 4 * n * tokens}

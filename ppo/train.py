@@ -152,6 +152,7 @@ class Run:
     kl_ctl: Any
     n_iters: int
     start_iter: int
+    padding_free: dict = field(default_factory=dict)  # training.padding_free_decision, for the manifest
     history: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     totals: dict = field(default_factory=lambda: {"generation_s": 0.0, "generation_tokens": 0, "update_s": 0.0,
@@ -175,7 +176,9 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: RewardFn, reward_artif
                         "pass ppo.value_init=zero with a score function of your own")
     inputs = inputs or check(cfg, store, with_reward=False)
     run = setup(cfg, store, inputs, [reward_artifact] if reward_artifact else [], reward_head)
-    fit(run, score_fn)
+    # Steps 4 and 7 and the evaluation's KL read whole rollouts; sampling (with its KV cache) runs as it comes.
+    with training.packed_where_safe(run.unwrapped.policy, cfg.padding_free) as run.padding_free:
+        fit(run, score_fn)
     return publish(run, store, reward_artifact)
 
 
@@ -371,6 +374,7 @@ def publish(run: Run, store: ArtifactStore, reward_artifact: Artifact | None) ->
             "wall_s": totals["wall_s"],
             "peak_mem_mb": training.peak_memory_mb(),
             "precision": run.inputs.precision,
+            "padding_free": run.padding_free,
             "processes": accelerator.num_processes,
             "distributed": accelerator.distributed_type.value,
             "resumed_from_iteration": run.start_iter or None,

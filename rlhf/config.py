@@ -341,6 +341,8 @@ class PPOConfig(StageConfig):
     eval_every: int = Field(5, ge=1, description="evaluate on held-out prompts every N iterations")
     eval_prompts: int = Field(16, ge=1, description="held-out prompts per evaluation")
     samples_kept: int = Field(4, ge=0, description="sample responses kept per evaluation")
+    padding_free: bool = Field(True, description="run the policy's decoder on each rollout batch packed into as few "
+                                                 "rows as hold it, instead of padded (checked on load)")
     eval_gold: bool = Field(False, description="also score held-out answers with the demo's gold scorer "
                                            "(rlhf.judges.gold_score), which training never sees: the reward model's "
                                            "score beside it shows over-optimisation (Gao et al. 2022); meaningful on "

@@ -439,14 +439,15 @@ def _backbone(model):
 def packed_backbone(model) -> Iterator[None]:
     """Run the decoder of `model` padding-free for the block.
 
-    A batch of right-padded rows (SFT's; the chosen and rejected sides of DPO's and the reward
-    model's pairs) is packed into as few rows of the batch's width as hold it, longest first into
-    the first row with room, each sequence with position ids from 0; the decoder's hidden states
-    are then put back in the padded layout, so the heads and losses above it see what they always
-    see. Without an attention mask, transformers reads the sequence boundaries from the position
-    ids, so no token attends across them. Over an epoch of the HH pairs in batches of 8 at 512
-    tokens, padded rows hold 2.15 tokens per token of text; packed, 1.12. Batches with a cache,
-    explicit position ids or left padding (sampling) run as they come.
+    A batch of padded rows (SFT's, right-padded; the chosen and rejected sides of DPO's and the
+    reward model's pairs; PPO's rollouts, a left-padded prompt and a right-padded response) is
+    packed into as few rows of the batch's width as hold it, longest first into the first row
+    with room, each sequence with position ids from 0; the decoder's hidden states are then put
+    back in the padded layout, so the heads and losses above it see what they always see. Without
+    an attention mask, transformers reads the sequence boundaries from the position ids, so no
+    token attends across them. Over an epoch of the HH pairs in batches of 8 at 512 tokens, padded
+    rows hold 2.15 tokens per token of text; packed, 1.12. Batches with a cache (sampling), with
+    padding inside a row, or with position ids of their own run as they come.
     """
     import torch
 
@@ -457,13 +458,12 @@ def packed_backbone(model) -> Iterator[None]:
     forward = backbone.forward
 
     def packed(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
-        right_padded = (attention_mask is not None and attention_mask.dim() == 2
-                        and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()))
-        if input_ids is None or not right_padded or position_ids is not None or past_key_values is not None:
+        spans = None if input_ids is None or past_key_values is not None else _spans(attention_mask, position_ids)
+        if spans is None:
             return forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                            past_key_values=past_key_values, **kwargs)
         width, device = input_ids.shape[1], input_ids.device
-        lengths = attention_mask.sum(1).tolist()
+        starts, lengths = spans
         rows = first_fit_rows(lengths, width)
         ids = torch.zeros((len(rows), width), dtype=input_ids.dtype, device=device)
         positions = torch.zeros_like(ids)
@@ -472,15 +472,17 @@ def packed_backbone(model) -> Iterator[None]:
         for r, row in enumerate(rows):
             at = 0
             for i in row:
-                n = lengths[i]
-                ids[r, at:at + n] = input_ids[i, :n]
+                a, n = starts[i], lengths[i]
+                ids[r, at:at + n] = input_ids[i, a:a + n]
                 positions[r, at:at + n] = torch.arange(n, device=device)
-                source[i, :n] = torch.arange(r * width + at, r * width + at + n, device=device)
+                source[i, a:a + n] = torch.arange(r * width + at, r * width + at + n, device=device)
                 at += n
             positions[r, at:] = torch.arange(width - at, device=device)  # the padding tail: a sequence of its own
         kwargs["use_cache"] = False  # with a cache, transformers would not read boundaries from positions
         out = forward(input_ids=ids, position_ids=positions, **kwargs)
         out["last_hidden_state"] = out.last_hidden_state.flatten(0, 1)[source]
+        if out.get("hidden_states") is not None:  # output_hidden_states: PPO's value head reads the last
+            out["hidden_states"] = tuple(h.flatten(0, 1)[source] for h in out.hidden_states)
         return out
 
     own = backbone.__dict__.get("forward")  # a forward something else patched in, if any
@@ -492,6 +494,24 @@ def packed_backbone(model) -> Iterator[None]:
             del backbone.forward  # the class's own forward again
         else:
             backbone.forward = own
+
+
+def _spans(attention_mask, position_ids) -> tuple[list[int], list[int]] | None:
+    """(start, length) of each row's tokens, where every row of the mask is one run of tokens (padding
+    on either side) and any position ids count from 0 along it, as packing would number them; else None."""
+    import torch
+
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    mask = attention_mask.bool()
+    lengths, starts = mask.sum(1), mask.int().argmax(1)
+    at = torch.arange(mask.shape[1], device=mask.device)
+    if not torch.equal(mask, (at >= starts[:, None]) & (at < (starts + lengths)[:, None])):
+        return None
+    if position_ids is not None and (position_ids.shape != mask.shape
+                                     or not torch.equal(position_ids[mask], (at - starts[:, None])[mask])):
+        return None
+    return starts.tolist(), lengths.tolist()
 
 
 @contextmanager

@@ -55,6 +55,7 @@ def test_the_whole_loop_runs_on(arch, tmp_path, smollm2_tokenizer_dir):
     ppo = store.resolve("checkpoints/ppo:latest")
     history = [json.loads(line) for line in (ppo.path / "logs" / "ppo_log.jsonl").read_text().splitlines()]
     assert len(history) == 2 and all(h["kl"] == h["kl"] for h in history)  # finite, not NaN
+    assert ppo.manifest["metrics"]["padding_free"]["enabled"]  # rollouts: left-padded prompts, right-padded replies
     assert rlhf(ws, "compare", "sft:latest", "dpo:latest", "ppo:latest", "data=prompts:latest", "limit=4",
                 "sampling.max_new_tokens=8", "bootstrap_samples=100", "judge=gold,reward:latest") == 0
     report = json.loads((store.resolve("compare:latest").path / "metrics.json").read_text())

@@ -44,6 +44,7 @@ def test_ppo_raises_a_toy_reward_within_a_few_dozen_iterations(tiny_ws):
     assert len(history) == 30 and {"clipfrac", "approx_kl", "value_loss", "entropy", "explained_variance",
                                     "response_length"} <= set(history[0])
     assert (art.path / "logs" / "ppo_curves.png").is_file()
+    assert m["padding_free"]["enabled"]  # and it learned on packed rollouts
     # The gold scorer, never optimised, is measured at every evaluation beside the toy reward.
     evals = [json.loads(line) for line in (art.path / "logs" / "evals.jsonl").read_text().splitlines()]
     assert [e["iteration"] for e in evals] == [0, 10, 20, 30] and all(isinstance(e["gold"], float) for e in evals)

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import DEMO_DATA
-from rlhf import sampling
+from rlhf import sampling, training
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,38 @@ def test_response_logprobs_are_the_sampling_distribution(tiny):
     rollout = sampling.Rollout(ids, mask, response.masked_fill(m == 0, tokenizer.pad_token_id), m, has_eos)
     got = sampling.forward_response(model, rollout, temperature=0.7)["logprobs"]
     assert torch.allclose(got[m.bool()], expected[m.bool()], atol=1e-4)
+
+
+def test_a_rollout_packed_gives_the_logprobs_and_hidden_states_it_gives_padded(tiny):
+    """PPO's forward over a rollout (left-padded prompts, right-padded replies), padding-free."""
+    model, tokenizer = tiny
+    # One long prompt and three short ones, so the short rows share packed rows.
+    long = [{"role": "user", "content": " ".join(["My order has not arrived yet."] * 8)}]
+    short = [[{"role": "user", "content": w}] for w in ("Hi", "Refund?", "Thanks")]
+    ids, mask, _ = sampling.encode_prompts(tokenizer, [long, *short], 256)
+    torch.manual_seed(0)
+    m = (torch.arange(7) < torch.tensor([[5], [2], [7], [3]])).float()
+    response = torch.randint(3, 100, (4, 7)).masked_fill(m == 0, tokenizer.pad_token_id)
+    rollout = sampling.Rollout(ids, mask, response, m, torch.zeros(4, dtype=torch.bool))
+    rows = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    with torch.no_grad():
+        padded = sampling.forward_response(model, rollout, 0.7, with_hidden=True)
+        with training.packed_backbone(model):
+            packed = sampling.forward_response(model, rollout, 0.7, with_hidden=True)
+    hook.remove()
+    assert rows[0] == 4 and rows[1] < 4  # the second pass ran packed
+    keep = m.bool()
+    assert torch.allclose(packed["logprobs"][keep], padded["logprobs"][keep], rtol=1e-4, atol=1e-5)
+    assert torch.allclose(packed["hidden"][keep], padded["hidden"][keep], rtol=1e-4, atol=1e-5)
+
+
+def test_only_one_run_of_tokens_per_row_counted_from_zero_is_packed():
+    left, right = torch.tensor([[0, 1, 1], [1, 1, 1]]), torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert training._spans(left, None) == ([1, 0], [2, 3])
+    assert training._spans(right, sampling.position_ids(right)) == ([0, 0], [2, 1])
+    assert training._spans(torch.tensor([[1, 0, 1]]), None) is None  # padding inside a row
+    assert training._spans(right, torch.tensor([[5, 6, 7], [5, 6, 7]])) is None  # positions of its own
 
 
 class OnMeta(torch.nn.Module):
