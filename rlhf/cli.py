@@ -356,10 +356,21 @@ def _use_every_core(signum: int | None = None, frame=None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+    usr1 = hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread()
+    if usr1:
         signal.signal(signal.SIGUSR1, _use_every_core)
         # `rlhf demo` starts its jobs with SIGUSR1 blocked, so one sent before this line waits for it.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+    try:
+        return _main(argv)
+    finally:
+        if usr1:
+            # Python puts back the default action, which ends the process, as it shuts down:
+            # a SIGUSR1 that reaches a job on its way out must not turn its success into a failure.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+
+
+def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=os.environ.get("RLHF_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     parser = build_parser()

@@ -71,6 +71,8 @@ def test_sigusr1_moves_a_job_onto_every_core(monkeypatch):
 
     from rlhf.cli import _use_every_core
 
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: one thread already is every core")
     threads = torch.get_num_threads()
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("MKL_NUM_THREADS", "1")
@@ -95,6 +97,19 @@ def test_a_sigusr1_sent_while_a_job_starts_waits_for_its_handler(tmp_path):
     plain = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     plain.send_signal(signal.SIGUSR1)
     assert plain.wait(timeout=60) == -signal.SIGUSR1
+
+
+def test_a_finished_command_blocks_sigusr1_so_a_late_one_cannot_end_it(tmp_path):
+    """The demo may signal a job as it exits, after Python has put back SIGUSR1's default action
+    (which ends the process): `rlhf.cli.main` blocks the signal again on its way out."""
+    from rlhf.cli import main
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    try:
+        assert main(["--workspace", str(tmp_path / "ws"), "artifacts", "list"]) == 0
+        assert signal.SIGUSR1 in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 @pytest.mark.parametrize("size", list(SIZES))
