@@ -31,9 +31,7 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 import warnings
 from typing import Callable
 
@@ -346,31 +344,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def _use_every_core(signum: int | None = None, frame=None) -> None:
-    """SIGUSR1: from now on compute on every core. `rlhf demo` sends it to a job started beside
-    another once that one has finished and nothing else can start, so no core sits idle."""
-    n = os.cpu_count() or 1
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)  # torch not yet imported: it reads these
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(n)
-
-
 def main(argv: list[str] | None = None) -> int:
-    usr1 = hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread()
-    if usr1:
-        signal.signal(signal.SIGUSR1, _use_every_core)
-        # `rlhf demo` starts its jobs with SIGUSR1 blocked, so one sent before this line waits for it.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
-    try:
-        return _main(argv)
-    finally:
-        if usr1:
-            # Python puts back the default action, which ends the process, as it shuts down:
-            # a SIGUSR1 that reaches a job on its way out must not turn its success into a failure.
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
-
-
-def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=os.environ.get("RLHF_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     parser = build_parser()

@@ -13,10 +13,6 @@ sizes below are chosen for a 2-core CPU.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,11 +37,10 @@ SIZES = {
                 "max_length=320", "kl_prompts=4", "max_new_tokens=32"],
         # 64 new tokens, as the candidates and compare's answers have: at 48, 44% of the SFT
         # model's replies were cut and lost the missing-EOS penalty, so PPO first learned to be
-        # short (gold win-rate against SFT 59.6% at 48, 67.5% at 64; README, PPO). 24 iterations:
-        # at 16 the gold score was still rising (63.7% against SFT; 70.8% at 24 on the same chain).
+        # short (gold win-rate against SFT 59.6% at 48, 67.5% at 64; README, PPO).
         "ppo": ["train.max_steps=24", "train.batch_size=16", "train.learning_rate=3e-4", "ppo.minibatch_size=8",
                 "ppo.max_new_tokens=64", "eval_every=8", "eval_prompts=8", "eval_gold=true"],
-        # The same 384 sampled responses of 64 tokens as PPO: 24 steps x 4 prompts x 4 completions.
+        # The same 256 sampled responses of 64 tokens as PPO: 16 steps x 4 prompts x 4 completions.
         **{method: ["train.max_steps=24", "train.batch_size=4", "num_generations=4", "train.learning_rate=3e-4",
                     "max_new_tokens=64", "eval_prompts=8", "eval_gold=true"] for method in ("rloo", "grpo")},
         "compare": ["sampling.max_new_tokens=64"],
@@ -240,17 +235,6 @@ def flat_overrides(config: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _spawn(argv: list[str], log, env: dict[str, str]) -> subprocess.Popen:
-    """Start a job with SIGUSR1 blocked (a child inherits the mask): `rlhf.cli.main` unblocks it
-    once its handler is set, so a SIGUSR1 sent while the job is still starting waits for the
-    handler instead of killing the job."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
-    try:
-        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 def _run_jobs(store: ArtifactStore, jobs: dict[str, Job], timings: dict[str, float], slots: int = 2
               ) -> dict[str, Artifact]:
     """Run `jobs` as `rlhf` subprocesses, `slots` at a time, each on its share of the cores.
@@ -259,29 +243,32 @@ def _run_jobs(store: ArtifactStore, jobs: dict[str, Job], timings: dict[str, flo
     output to workspace/logs/; a failure stops the demo with that job's last log lines (the
     others are stopped, and, like any stage, leave no half-written artifact).
     """
+    import os
+    import subprocess
+    import sys
+
     from rlhf.cli import written_ref
     from rlhf.errors import RlhfError
 
     logs = store.root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    cpus = os.cpu_count() or slots
     done: dict[str, Artifact] = {}
     pending, running = dict(jobs), {}
     try:
         while pending or running:
-            for name, n in plan_starts(jobs, list(pending), list(running), set(done), slots, cpus):
+            for name, n in plan_starts(jobs, list(pending), list(running), set(done), slots, os.cpu_count() or slots):
                 job, threads = pending[name], str(n)
                 env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
                 log = logs / f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{name}.log"
                 argv = [sys.executable, "-m", "rlhf.cli", "--workspace", str(store.root), job.command,
                         *job.overrides(done)]
                 with open(log, "w") as f:
-                    proc = _spawn(argv, f, env)
-                running[name] = (proc, log, time.perf_counter(), n)
+                    proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env)
+                running[name] = (proc, log, time.perf_counter())
                 del pending[name]
                 print(f"  {name}: started ({threads} thread{'s' if threads != '1' else ''}; log {log})", flush=True)
             time.sleep(0.5)
-            for name, (proc, log, start, _) in list(running.items()):
+            for name, (proc, log, start) in list(running.items()):
                 if proc.poll() is None:
                     continue
                 del running[name]
@@ -293,16 +280,9 @@ def _run_jobs(store: ArtifactStore, jobs: dict[str, Job], timings: dict[str, flo
                 done[name] = store.resolve(ref)
                 timings[f"  {name}"] = time.perf_counter() - start
                 print(f"  {name}: {done[name].ref} in {timings[f'  {name}']:.0f}s", flush=True)
-            if len(running) == 1 and not plan_starts(jobs, list(pending), list(running), set(done), slots, cpus):
-                # The job left runs alone until it ends (what is pending needs it): give it every core.
-                name, (proc, log, start, n) = next(iter(running.items()))
-                if n < cpus:
-                    proc.send_signal(signal.SIGUSR1)  # rlhf.cli._use_every_core
-                    running[name] = (proc, log, start, cpus)
-                    print(f"  {name}: alone now, on {cpus} threads", flush=True)
         return done
     finally:
-        for proc, _, _, _ in running.values():
+        for proc, _, _ in running.values():
             proc.terminate()
             proc.wait()
 

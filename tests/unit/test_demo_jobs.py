@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 from rlhf.artifacts import ArtifactStore
 from rlhf.config import CompareConfig, GenerateConfig, dump, load_config
-from rlhf.demo import SIZES, Job, _run_jobs, _spawn, flat_overrides, plan_starts
+from rlhf.demo import SIZES, Job, _run_jobs, flat_overrides, plan_starts
 from rlhf.errors import RlhfError
 
 
@@ -62,54 +58,6 @@ def test_an_alone_job_that_can_start_holds_back_the_jobs_after_it():
     jobs = {"a": Job("x", overrides), "b": Job("x", overrides, alone=True), "c": Job("x", overrides)}
     assert plan_starts(jobs, ["b", "c"], ["a"], set(), slots=2, cpus=2) == []
     assert plan_starts(jobs, ["b", "c"], [], set(), slots=2, cpus=2) == [("b", 2)]
-
-
-def test_sigusr1_moves_a_job_onto_every_core(monkeypatch):
-    """What the demo sends the job left running alone: torch's threads and the variables a
-    not-yet-imported torch reads both become the core count."""
-    import torch
-
-    from rlhf.cli import _use_every_core
-
-    if (os.cpu_count() or 1) < 2:
-        pytest.skip("one core: one thread already is every core")
-    threads = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("MKL_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    try:
-        _use_every_core()
-        assert torch.get_num_threads() == os.cpu_count()
-        assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == str(os.cpu_count())
-    finally:
-        torch.set_num_threads(threads)
-
-
-def test_a_sigusr1_sent_while_a_job_starts_waits_for_its_handler(tmp_path):
-    """SIGUSR1's default action ends a process: a job signalled before `rlhf.cli.main` has set
-    its handler must not die of it (the demo's jobs start with the signal blocked)."""
-    argv = [sys.executable, "-m", "rlhf.cli", "--workspace", str(tmp_path / "ws"), "artifacts", "list"]
-    with open(tmp_path / "log", "w") as log:
-        proc = _spawn(argv, log, dict(os.environ))
-        proc.send_signal(signal.SIGUSR1)  # at once: the interpreter is still starting
-        assert proc.wait(timeout=120) == 0, (tmp_path / "log").read_text()
-    # The same signal to a job started without the block ends it: the test can tell the two apart.
-    plain = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    plain.send_signal(signal.SIGUSR1)
-    assert plain.wait(timeout=60) == -signal.SIGUSR1
-
-
-def test_a_finished_command_blocks_sigusr1_so_a_late_one_cannot_end_it(tmp_path):
-    """The demo may signal a job as it exits, after Python has put back SIGUSR1's default action
-    (which ends the process): `rlhf.cli.main` blocks the signal again on its way out."""
-    from rlhf.cli import main
-
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
-    try:
-        assert main(["--workspace", str(tmp_path / "ws"), "artifacts", "list"]) == 0
-        assert signal.SIGUSR1 in signal.pthread_sigmask(signal.SIG_BLOCK, set())
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 @pytest.mark.parametrize("size", list(SIZES))
