@@ -40,7 +40,7 @@ SIZES = {
         # short (gold win-rate against SFT 59.6% at 48, 67.5% at 64; README, PPO).
         "ppo": ["train.max_steps=24", "train.batch_size=16", "train.learning_rate=3e-4", "ppo.minibatch_size=8",
                 "ppo.max_new_tokens=64", "eval_every=8", "eval_prompts=8", "eval_gold=true"],
-        # The same 256 sampled responses of 64 tokens as PPO: 16 steps x 4 prompts x 4 completions.
+        # The same 384 sampled responses of 64 tokens as PPO: 24 steps x 4 prompts x 4 completions.
         **{method: ["train.max_steps=24", "train.batch_size=4", "num_generations=4", "train.learning_rate=3e-4",
                     "max_new_tokens=64", "eval_prompts=8", "eval_gold=true"] for method in ("rloo", "grpo")},
         "compare": ["sampling.max_new_tokens=64"],
