@@ -186,6 +186,7 @@ def setup(cfg: PPOConfig, store: ArtifactStore, inputs: Inputs, extra_inputs: li
           reward_head: tuple[torch.Tensor, torch.Tensor] | None) -> Run:
     """The actor-critic, its optimizer, the sampler and the KL controller, restored from a killed run's state."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from peft import LoraConfig, get_peft_model
 
     hp = cfg.ppo
@@ -193,6 +194,10 @@ def setup(cfg: PPOConfig, store: ArtifactStore, inputs: Inputs, extra_inputs: li
     scratch = store.scratch_dir("ppo", training.run_id(config, [inputs.policy_init, inputs.prompts, *extra_inputs]))
     # The same scalars as logs/ppo_log.jsonl, to the trackers of report.to, through accelerate.
     tracking = training.tracking_dir(scratch, cfg.report.to) if cfg.report.to else None
+    # accelerate keeps one mixed precision per process and refuses another; a second run in the same
+    # process (a notebook, the tests) may ask for a different one. TRL's trainers reset the same state
+    # as they start (transformers' TrainingArguments); the process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision="no" if inputs.precision == "fp32" else inputs.precision,
                               cpu=not torch.cuda.is_available(), log_with=cfg.report.to or None, project_dir=tracking)
     if cfg.report.to:

@@ -99,6 +99,19 @@ def test_a_crashed_ppo_run_resumes_from_its_saved_iteration(tiny_ws, caplog):
     assert len(cut) == 1 and "raise ppo.max_new_tokens" in cut[0], cut
 
 
+def test_ppo_runs_again_in_the_same_process_at_another_precision(tiny_ws):
+    """accelerate holds one mixed precision per process; a second run (a notebook, a sweep) may change it."""
+    assert rlhf(tiny_ws, "data", "import", "prompts", str(DEMO_DATA / "support_prompts.jsonl")) == 0
+    store = ArtifactStore(tiny_ws)
+    length = lambda prompts, texts, rollout: rollout.response_mask.sum(dim=1) / 8
+    common = ["model=base:latest", "train.max_steps=1", "train.batch_size=2", "ppo.minibatch_size=2",
+              "ppo.max_new_tokens=4", "ppo.value_init=zero", "eval_every=100", "eval_prompts=2"]
+    for precision in ("bf16", "fp32"):
+        art = train(load_config(PPOConfig, None, [*common, f"output=ppo-{precision}", f"train.precision={precision}"]),
+                    store, length)
+        assert art.manifest["metrics"]["precision"] == precision
+
+
 def test_the_merged_sampler_matches_the_policy_with_its_adapter(tiny_ws):
     """After a sync, the sampler's logits are the adapter-carrying policy's, in each precision."""
     import torch
