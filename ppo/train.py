@@ -258,6 +258,7 @@ def fit(run: Run, score_fn: RewardFn) -> None:
                             f"{min(cfg.eval_prompts, len(run.inputs.eval_prompts))} held-out prompts"):
             run.evals.append(evaluate(0))
     for it in range(run.start_iter, run.n_iters):
+        training.take_offered_threads()  # `rlhf demo` frees a core once this job runs alone
         # 1. Sample a batch of prompts (a seeded shuffle per epoch; each process takes its own slice).
         batch = _prompt_batch(run.inputs.train_prompts, it, run.global_batch, cfg.train.batch_size,
                               accelerator.process_index, cfg.train.seed)

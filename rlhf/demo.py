@@ -160,7 +160,8 @@ def run_demo(store: ArtifactStore, quick: bool = False, seed: int = 0,
         # The reward model is needed by every method but DPO, and by compare: it is the critical
         # path, so it runs first on every core. Then the methods run beside each other and the
         # answer sets: on a small CPU two single-threaded stages side by side finish sooner
-        # than the same stages one after the other on every core.
+        # than the same stages one after the other on every core. The last one left (PPO)
+        # moves onto every core.
         done = _run_jobs(store, {
             "reward": Job("reward", lambda d: [f"model={sft.ref}", f"data={preferences.ref}", *seed_args,
                                                  *size["reward"]], alone=True),
@@ -240,7 +241,8 @@ def _run_jobs(store: ArtifactStore, jobs: dict[str, Job], timings: dict[str, flo
               ) -> dict[str, Artifact]:
     """Run `jobs` as `rlhf` subprocesses, `slots` at a time, each on its share of the cores.
 
-    A job starts as soon as the jobs it needs are done, in the order given. Each writes its
+    A job starts as soon as the jobs it needs are done, in the order given. When one job is left
+    running and nothing can start beside it, it is offered every core. Each writes its
     output to workspace/logs/; a failure stops the demo with that job's last log lines (the
     others are stopped, and, like any stage, leave no half-written artifact).
     """
@@ -250,29 +252,33 @@ def _run_jobs(store: ArtifactStore, jobs: dict[str, Job], timings: dict[str, flo
 
     from rlhf.cli import written_ref
     from rlhf.errors import RlhfError
+    from rlhf.training import THREADS_FILE
 
     logs = store.root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    cpus = os.cpu_count() or slots
     done: dict[str, Artifact] = {}
     pending, running = dict(jobs), {}
     try:
         while pending or running:
-            for name, n in plan_starts(jobs, list(pending), list(running), set(done), slots, os.cpu_count() or slots):
+            for name, n in plan_starts(jobs, list(pending), list(running), set(done), slots, cpus):
                 job, threads = pending[name], str(n)
-                env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
                 log = logs / f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{name}.log"
+                env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+                       THREADS_FILE: str(log.with_suffix(".threads"))}
                 argv = [sys.executable, "-m", "rlhf.cli", "--workspace", str(store.root), job.command,
                         *job.overrides(done)]
                 with open(log, "w") as f:
                     proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env)
-                running[name] = (proc, log, time.perf_counter())
+                running[name] = (proc, log, time.perf_counter(), n)
                 del pending[name]
                 print(f"  {name}: started ({threads} thread{'s' if threads != '1' else ''}; log {log})", flush=True)
             time.sleep(0.5)
-            for name, (proc, log, start) in list(running.items()):
+            for name, (proc, log, start, _) in list(running.items()):
                 if proc.poll() is None:
                     continue
                 del running[name]
+                log.with_suffix(".threads").unlink(missing_ok=True)
                 lines = log.read_text(errors="replace").splitlines()
                 ref = written_ref("\n".join(lines))
                 if proc.returncode != 0 or not ref:
@@ -281,11 +287,22 @@ def _run_jobs(store: ArtifactStore, jobs: dict[str, Job], timings: dict[str, flo
                 done[name] = store.resolve(ref)
                 timings[f"  {name}"] = time.perf_counter() - start
                 print(f"  {name}: {done[name].ref} in {timings[f'  {name}']:.0f}s", flush=True)
+            if len(running) == 1 and not plan_starts(jobs, list(pending), list(running), set(done), slots, cpus):
+                # The job left runs alone until it ends (what is pending needs it): offer it every
+                # core, which it takes at its next step (rlhf.training.take_offered_threads).
+                name, (proc, log, start, n) = next(iter(running.items()))
+                if n < cpus:
+                    offer = log.with_suffix(".threads")
+                    offer.with_suffix(".tmp").write_text(str(cpus))
+                    offer.with_suffix(".tmp").replace(offer)  # whole, never a half-written number
+                    running[name] = (proc, log, start, cpus)
+                    print(f"  {name}: alone now, offered {cpus} threads", flush=True)
         return done
     finally:
-        for proc, _, _ in running.values():
+        for proc, log, _, _ in running.values():
             proc.terminate()
             proc.wait()
+            log.with_suffix(".threads").unlink(missing_ok=True)
 
 
 def _method_line(m: dict) -> str:

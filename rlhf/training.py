@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import resource
 import shutil
 import time
@@ -635,10 +636,46 @@ def _fault_points(trainer) -> None:
     trainer._save_rng_state = save_rng_state_then_point
 
 
+THREADS_FILE = "RLHF_THREADS_FILE"
+
+
+def take_offered_threads() -> None:
+    """Between steps: compute on the number of threads written in $RLHF_THREADS_FILE, if it is set.
+
+    `rlhf demo` runs two single-threaded stages side by side; when one ends and nothing can start
+    beside the other, it offers that one every core through this file. A file read between steps,
+    not a signal: nothing can reach the process while it starts or exits. (The thread count
+    changes bf16 rounding, so a stage that moves is not bit-for-bit a stage that never moved.)
+    """
+    path = os.environ.get(THREADS_FILE)
+    if not path:
+        return
+    try:
+        n = int(Path(path).read_text())
+    except (OSError, ValueError):  # not offered yet
+        return
+    import torch
+
+    if n != torch.get_num_threads():
+        torch.set_num_threads(n)
+        log.info("now on %d threads", n)
+
+
+def _offered_threads(trainer) -> None:
+    from transformers import TrainerCallback
+
+    class OfferedThreads(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            take_offered_threads()
+
+    trainer.add_callback(OfferedThreads())
+
+
 def train_resumable(trainer, scratch: Path) -> TrainRun:
     """Train, continuing from the last complete checkpoint an identical killed run left in `scratch`."""
     distinct_event_files(trainer)
     _fault_points(trainer)
+    _offered_threads(trainer)
     resume = last_complete_checkpoint(scratch) if scratch.exists() else None
     prior = {"loss_sum": 0.0, "train_tokens": 0, "wall_s": 0.0}
     if resume:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -58,6 +59,51 @@ def test_an_alone_job_that_can_start_holds_back_the_jobs_after_it():
     jobs = {"a": Job("x", overrides), "b": Job("x", overrides, alone=True), "c": Job("x", overrides)}
     assert plan_starts(jobs, ["b", "c"], ["a"], set(), slots=2, cpus=2) == []
     assert plan_starts(jobs, ["b", "c"], [], set(), slots=2, cpus=2) == [("b", 2)]
+
+
+def test_a_stage_takes_the_threads_offered_in_its_file(tmp_path, monkeypatch):
+    import torch
+
+    from rlhf.training import THREADS_FILE, take_offered_threads
+
+    offer, before = tmp_path / "job.threads", torch.get_num_threads()
+    monkeypatch.setenv(THREADS_FILE, str(offer))
+    try:
+        torch.set_num_threads(1)
+        take_offered_threads()  # nothing offered yet
+        assert torch.get_num_threads() == 1
+        offer.write_text("2")
+        take_offered_threads()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: nothing to offer")
+def test_the_job_left_running_alone_is_offered_every_core_and_takes_them(tiny_ws, monkeypatch, capsys):
+    """Two single-threaded jobs side by side; once the short one ends, the long one (its
+    dependant waits for it) moves onto every core at its next training step."""
+    from conftest import DEMO_DATA, rlhf
+
+    monkeypatch.setenv("RLHF_LOG_LEVEL", "INFO")
+    assert rlhf(tiny_ws, "data", "import", "prompts", str(DEMO_DATA / "support_prompts.jsonl")) == 0
+    store = ArtifactStore(tiny_ws)
+    jobs = {
+        "short": Job("generate", lambda d: ["model=base:latest", "data=prompts:latest", "k=1", "limit=1",
+                                            "sampling.max_new_tokens=2"]),
+        "long": Job("sft", lambda d: ["model=base:latest", "data=sft:latest", "train.max_steps=300",
+                                      "train.batch_size=2", "max_length=128"]),
+        "after": Job("generate", lambda d: [f"model={d['long'].ref}", "data=prompts:latest", "k=1", "limit=1",
+                                            "sampling.max_new_tokens=2"], after=("long",)),
+    }
+    _run_jobs(store, jobs, {})
+    out = capsys.readouterr().out
+    assert "short: started (1 thread;" in out and "long: started (1 thread;" in out
+    assert f"long: alone now, offered {os.cpu_count()} threads" in out
+    assert "after: started" in out.split("alone now")[1]  # the offer came before the dependant started
+    long_log = next((tiny_ws / "logs").glob("demo-*-long.log")).read_text()
+    assert f"now on {os.cpu_count()} threads" in long_log
+    assert not list((tiny_ws / "logs").glob("*.threads")) and not list((tiny_ws / "logs").glob("*.tmp"))
 
 
 @pytest.mark.parametrize("size", list(SIZES))
