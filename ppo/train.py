@@ -351,6 +351,7 @@ def publish(run: Run, store: ArtifactStore, reward_artifact: Artifact | None) ->
     accelerator.wait_for_everyone()
     # Closes the trackers, so their files are complete; it also ends the process group, so it comes last.
     accelerator.end_training()
+    training.let_collectives_settle(accelerator)
     if not accelerator.is_main_process:
         return None
     with store.create("checkpoint", cfg.output, stage="ppo", config=run.config) as w:

@@ -130,6 +130,7 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
         run = training.train_resumable(trainer, scratch)
 
     trainer.accelerator.wait_for_everyone()
+    training.let_collectives_settle(trainer.accelerator)
     if not trainer.accelerator.is_main_process:
         return None
 

@@ -636,6 +636,20 @@ def _fault_points(trainer) -> None:
     trainer._save_rng_state = save_rng_state_then_point
 
 
+def let_collectives_settle(accelerator) -> None:
+    """After a distributed run's last collective: release the GIL for a moment.
+
+    gloo's worker thread frees each finished collective after the caller has moved on, and the
+    last one holds tensors whose Python objects need the GIL to be freed. A process that frees
+    its DDP model right after the final barrier (every rank but the main one returns at once)
+    destroys the process group while holding the GIL, and the destructor joins that worker
+    thread, which waits for the GIL: a deadlock (pytorch/pytorch#56297), seen here as a
+    two-process run that published and never exited. The sleep lets the worker finish first.
+    """
+    if accelerator.num_processes > 1:
+        time.sleep(0.5)
+
+
 THREADS_FILE = "RLHF_THREADS_FILE"
 
 
@@ -759,6 +773,7 @@ def fit(trainer, scratch: Path, train: TrainConfig, padding_free: bool = False) 
         stop = stop_metrics(trainer, train)  # before the final evaluation, which is not a patience step
         final = trainer.evaluate()
     trainer.accelerator.wait_for_everyone()
+    let_collectives_settle(trainer.accelerator)
     return Fit(initial, final, run, stop, packing) if trainer.accelerator.is_main_process else None
 
 

@@ -172,3 +172,27 @@ def test_ppo_on_two_processes_gathers_its_metrics_resumes_and_learns_what_one_pr
     gain = lambda m: m["eval_score"] - m["eval_score_initial"]
     g2, g1 = gain(two), gain(one.manifest["metrics"])
     assert g2 > 0.2 and g1 > 0.2 and abs(g2 - g1) < 0.5 * max(g2, g1), (g2, g1)
+
+
+def test_two_process_runs_exit_after_publishing(tiny_ws, tmp_path):
+    """Eight short two-process PPO runs each exit. Before rlhf.training.let_collectives_settle, a
+    rank that freed its DDP model right after the last barrier deadlocked with gloo's worker
+    thread over the GIL in 5 of 40 such runs (pytorch/pytorch#56297); none of 33 after it."""
+    assert rlhf(tiny_ws, "data", "import", "prompts", str(DEMO_DATA / "support_prompts.jsonl")) == 0
+    hung = []
+    for i in range(8):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--main_process_port", str(free_port()), str(ENTRY), str(tmp_path / f"trace{i}"), "ppo-toy",
+               str(tiny_ws), "5", f"output=ppo{i}", "model=base:latest", "train.max_steps=2", "train.batch_size=4",
+               "ppo.minibatch_size=2", "ppo.max_new_tokens=8", "ppo.value_init=zero", "eval_every=100",
+               "eval_prompts=4", f"train.seed={i}"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            assert proc.wait(timeout=90) == 0
+        except subprocess.TimeoutExpired:
+            hung.append(i)
+            os.killpg(proc.pid, 9)  # the launcher and both ranks
+    assert not hung, f"runs {hung} never exited"
+    assert versions(tiny_ws, "ppo7") == ["v0001"]
