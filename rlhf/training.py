@@ -436,19 +436,72 @@ def _backbone(model):
     return backbone if isinstance(backbone, torch.nn.Module) else None
 
 
+# The attention implementation `packed_backbone` switches an SDPA model to while it runs packed:
+# SDPA over each packed sequence on its own (`_attention_by_sequence`).
+BY_SEQUENCE = "rlhf_sdpa_by_sequence"
+_by_sequence_calls = 0  # how many attention calls ran by sequence; padding_free_decision checks it moved
+
+
+def _attention_by_sequence(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                           packed_lengths=None, **kwargs):
+    """transformers' SDPA attention, but for a packed row (`packed_lengths`, from `packed_backbone`) one
+    causal SDPA call per sequence. transformers keeps packed sequences apart with a block mask over
+    the whole row, and with a mask the CPU flash kernel computes every pair of the row's positions,
+    the half above the diagonal included; by sequence it computes only the pairs a sequence attends
+    to, so packing needs no rows of the batch's width and no padding to fill them."""
+    import torch
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if packed_lengths is None or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    global _by_sequence_calls
+    _by_sequence_calls += 1
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # once per layer, not per sequence
+    # split, not slicing: a slice's backward writes its gradient into a zeroed tensor of the whole
+    # row, once per sequence, where split's backward is one concatenation.
+    out = [torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
+           for q, k, v in zip(*(t.split(packed_lengths, dim=2) for t in (query, key, value)))]
+    return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
+
+
+_packed_forward = False  # True while `packed_backbone` runs a packed row by sequence: no mask to build
+
+
+def _mask_by_sequence(*args, **kwargs):
+    """SDPA's mask, but none for a packed row: `_attention_by_sequence` needs none, and the row's
+    block mask would be (tokens in the batch)² booleans built for nothing."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if _packed_forward else sdpa_mask(*args, **kwargs)
+
+
+def _register_by_sequence() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(BY_SEQUENCE, _attention_by_sequence)
+    AttentionMaskInterface.register(BY_SEQUENCE, _mask_by_sequence)
+
+
 @contextmanager
-def packed_backbone(model) -> Iterator[None]:
+def packed_backbone(model, by_sequence: bool = True) -> Iterator[None]:
     """Run the decoder of `model` padding-free for the block.
 
     A batch of padded rows (SFT's, right-padded; the chosen and rejected sides of DPO's and the
-    reward model's pairs; PPO's rollouts, a left-padded prompt and a right-padded response) is
-    packed into as few rows of the batch's width as hold it, longest first into the first row
-    with room, each sequence with position ids from 0; the decoder's hidden states are then put
-    back in the padded layout, so the heads and losses above it see what they always see. Without
-    an attention mask, transformers reads the sequence boundaries from the position ids, so no
+    reward model's pairs; PPO's rollouts, a left-padded prompt and a right-padded response) runs
+    packed, each sequence with position ids from 0; the decoder's hidden states are then put
+    back in the padded layout, so the heads and losses above it see what they always see.
+
+    With `by_sequence` and an SDPA model, every sequence goes into one row with no padding at all,
+    and attention runs over each sequence on its own (`_attention_by_sequence`). Otherwise the
+    sequences go into as few rows of the batch's width as hold them, longest first into the first
+    row with room, and transformers reads the sequence boundaries from the position ids, so no
     token attends across them. Over an epoch of the HH pairs in batches of 8 at 512 tokens, padded
-    rows hold 2.15 tokens per token of text; packed, 1.12. Batches with a cache (sampling), with
-    padding inside a row, or with position ids of their own run as they come.
+    rows hold 2.15 tokens per token of text; packed into rows of the batch's width, 1.12. Batches
+    with a cache (sampling), with padding inside a row, or with position ids of their own run as
+    they come.
     """
     import torch
 
@@ -457,15 +510,22 @@ def packed_backbone(model) -> Iterator[None]:
         yield
         return
     forward = backbone.forward
+    config = backbone.config
+    attention = config._attn_implementation
+    # A sliding window needs the mask that by sequence does without.
+    full = set(getattr(config, "layer_types", None) or []) <= {"full_attention"}
+    by_sequence = (by_sequence and attention in ("sdpa", BY_SEQUENCE) and full
+                   and getattr(config, "sliding_window", None) is None)
 
     def packed(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
         spans = None if input_ids is None or past_key_values is not None else _spans(attention_mask, position_ids)
         if spans is None:
             return forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                            past_key_values=past_key_values, **kwargs)
-        width, device = input_ids.shape[1], input_ids.device
         starts, lengths = spans
-        rows = first_fit_rows(lengths, width)
+        width = sum(lengths) if by_sequence else input_ids.shape[1]
+        rows = [list(range(len(lengths)))] if by_sequence else first_fit_rows(lengths, width)
+        device = input_ids.device
         ids = torch.zeros((len(rows), width), dtype=input_ids.dtype, device=device)
         positions = torch.zeros_like(ids)
         # Where each padded slot's hidden state is in the packed rows (padding reads slot 0).
@@ -480,7 +540,14 @@ def packed_backbone(model) -> Iterator[None]:
                 at += n
             positions[r, at:] = torch.arange(width - at, device=device)  # the padding tail: a sequence of its own
         kwargs["use_cache"] = False  # with a cache, transformers would not read boundaries from positions
-        out = forward(input_ids=ids, position_ids=positions, **kwargs)
+        global _packed_forward
+        if by_sequence:
+            kwargs["packed_lengths"] = lengths
+        _packed_forward = by_sequence
+        try:
+            out = forward(input_ids=ids, position_ids=positions, **kwargs)
+        finally:
+            _packed_forward = False
         out["last_hidden_state"] = out.last_hidden_state.flatten(0, 1)[source]
         if out.get("hidden_states") is not None:  # output_hidden_states: PPO's value head reads the last
             out["hidden_states"] = tuple(h.flatten(0, 1)[source] for h in out.hidden_states)
@@ -488,9 +555,13 @@ def packed_backbone(model) -> Iterator[None]:
 
     own = backbone.__dict__.get("forward")  # a forward something else patched in, if any
     backbone.forward = packed
+    if by_sequence:
+        _register_by_sequence()
+        config._attn_implementation = BY_SEQUENCE  # for the whole block: a checkpointed layer's recompute too
     try:
         yield
     finally:
+        config._attn_implementation = attention
         if own is None:
             del backbone.forward  # the class's own forward again
         else:
@@ -519,7 +590,7 @@ def _spans(attention_mask, position_ids) -> tuple[list[int], list[int]] | None:
 def packed_where_safe(model, enabled: bool) -> Iterator[dict[str, Any]]:
     """`packed_backbone` for the block where `padding_free_decision` allows it; yields the decision."""
     decision = padding_free_decision(model, enabled)
-    with packed_backbone(model) if decision["enabled"] else nullcontext():
+    with packed_backbone(model, decision.get("attention") == "by sequence") if decision["enabled"] else nullcontext():
         yield decision
 
 
@@ -527,7 +598,8 @@ def padding_free_decision(model, enabled: bool) -> dict[str, Any]:
     """Whether to train `model` padding-free (`packed_backbone`), and why: three short sequences in a
     batch whose last two share a packed row must give the hidden states they give alone.
     transformers separates packed sequences only where the architecture builds its attention mask
-    from position ids."""
+    from position ids. `attention` says how: "by sequence" where the architecture hands the packed
+    lengths on to `_attention_by_sequence` and has no sliding window, else "block mask"."""
     import torch
 
     if not enabled:
@@ -540,14 +612,20 @@ def padding_free_decision(model, enabled: bool) -> dict[str, Any]:
     device = next(model.parameters()).device
     hidden = lambda ids, mask: backbone(input_ids=torch.tensor(ids, device=device), use_cache=False,
                                         attention_mask=torch.tensor(mask, device=device)).last_hidden_state.float()
+    padded = ([ids + [0] * (16 - len(ids)) for ids in sequences],
+              [[1] * len(ids) + [0] * (16 - len(ids)) for ids in sequences])
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             alone = [hidden([ids], [[1] * len(ids)])[0] for ids in sequences]
+            calls = _by_sequence_calls
             with packed_backbone(model):
-                batch = hidden([ids + [0] * (16 - len(ids)) for ids in sequences],
-                               [[1] * len(ids) + [0] * (16 - len(ids)) for ids in sequences])
+                batch = hidden(*padded)
+            attention = "by sequence" if _by_sequence_calls > calls else "block mask"
+            if attention == "block mask":  # the lengths never reached the attention: rows of the batch's width
+                with packed_backbone(model, by_sequence=False):
+                    batch = hidden(*padded)
     except TypeError as e:  # a decoder that takes no position ids
         return {"enabled": False, "reason": f"{type(backbone).__name__} cannot run packed rows ({e})"}
     finally:
@@ -557,7 +635,7 @@ def padding_free_decision(model, enabled: bool) -> dict[str, Any]:
     worst = max(float((batch[i, :len(a)] - a).abs().max() / a.abs().max().clamp(min=1e-6))
                 for i, a in enumerate(alone))
     if worst <= tol:
-        return {"enabled": True, "reason": "packed sequences match their unpacked selves"}
+        return {"enabled": True, "reason": "packed sequences match their unpacked selves", "attention": attention}
     return {"enabled": False, "reason": f"{type(backbone).__name__} let packed sequences see each other "
                                         f"(hidden states off by {worst:.1e} of their scale)"}
 

@@ -144,7 +144,8 @@ def test_packed_batches_train_as_padded_ones_do(pref_ws):
         log = [json.loads(line) for line in (art.path / "logs" / "train_log.jsonl").read_text().splitlines()]
         runs[packed] = art.manifest["metrics"], [e["loss"] for e in log if "loss" in e]
     (packed, packed_losses), (padded, padded_losses) = runs["true"], runs["false"]
-    assert packed["padding_free"] == {"enabled": True, "reason": "packed sequences match their unpacked selves"}
+    assert packed["padding_free"] == {"enabled": True, "reason": "packed sequences match their unpacked selves",
+                                      "attention": "by sequence"}
     assert padded["padding_free"] == {"enabled": False, "reason": "padding_free=false"}
     assert len(packed_losses) == 6 and packed_losses == pytest.approx(padded_losses, rel=1e-4)
     assert packed_losses[-1] < packed_losses[0]
@@ -174,9 +175,15 @@ def test_over_long_pairs_are_cut_from_the_left_or_dropped(pref_ws, capsys):
 
 def test_a_model_that_lets_packed_sequences_see_each_other_trains_padded(pref_ws, monkeypatch):
     import transformers.masking_utils
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    # As an architecture that builds a plain causal mask whatever the position ids say.
+    from rlhf import training
+
+    # As an architecture that builds a plain causal mask whatever the position ids say, and whose
+    # attention does not hand the packed lengths on.
     monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    monkeypatch.setattr(training, "_attention_by_sequence",
+                        lambda *args, packed_lengths=None, **kwargs: sdpa_attention_forward(*args, **kwargs))
     assert rlhf(pref_ws, "reward", "model=base:latest", "train.max_steps=2", "max_length=256",
                 "bootstrap_samples=100", "normalization_samples=16") == 0
     used = ArtifactStore(pref_ws).resolve("reward:latest").manifest["metrics"]["padding_free"]

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import nullcontext
 
 import pytest
+import torch
 
-from conftest import DEMO_DATA, rlhf
+from conftest import DEMO_DATA, TINY_ARCHS, rlhf
 from rlhf import training
 from rlhf.artifacts import ArtifactStore
 
@@ -230,6 +232,84 @@ def test_an_adapter_dropout_is_kept_where_trl_is_told_to_keep_it():
 def test_first_fit_rows_put_the_longest_first_into_the_first_row_with_room():
     assert training.first_fit_rows([4, 3, 2, 5], 6) == [[3], [0, 2], [1]]
     assert training.first_fit_rows([7, 1], 6) == [[0], [1]]  # too long for any row: one of its own
+
+
+def _tiny_decoder(arch: str):
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    config_name, extra = TINY_ARCHS.get(arch, ("LlamaConfig", {"intermediate_size": 128, "num_key_value_heads": 2}))
+    config = getattr(transformers, config_name)(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, pad_token_id=0, **extra)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
+
+
+def _logits_and_grads(model, rows_seen: list, **packing):
+    """Logits and gradients of a batch of four right-padded rows, padded or (with `packing`) packed."""
+    import torch
+
+    torch.manual_seed(1)
+    mask = (torch.arange(12) < torch.tensor([[12], [5], [9], [3]])).long()
+    ids = torch.randint(1, 100, (4, 12)) * mask
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: rows_seen.append(tuple(a[0].shape)))
+    with training.packed_backbone(model, **packing) if packing else nullcontext():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        (logits * mask[..., None]).sum().backward()
+    hook.remove()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    return logits[mask.bool()], grads
+
+
+@pytest.mark.parametrize("arch", ["llama", *sorted(TINY_ARCHS)])
+def test_packed_attention_runs_each_sequence_alone_in_one_row_and_gives_the_padded_gradients(arch):
+    model = _tiny_decoder(arch)
+    decision = training.padding_free_decision(model, True)
+    assert decision["enabled"] and decision["attention"] == "by sequence"
+    rows: list = []
+    padded = _logits_and_grads(model, rows)
+    packed = _logits_and_grads(model, rows, by_sequence=True)
+    assert rows == [(4, 12), (1, 12 + 5 + 9 + 3)]  # packed: one row, not a padding slot in it
+    assert torch.allclose(packed[0], padded[0], atol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(packed[1], padded[1]))
+    assert model.config._attn_implementation == "sdpa"  # restored after the block
+
+
+def test_a_sliding_window_model_packs_rows_of_the_batch_width_with_its_mask():
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    # Mistral attends through a window of 4 here, which only the mask keeps.
+    config = transformers.MistralConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
+    assert training.padding_free_decision(model, True)["attention"] == "block mask"
+    rows: list = []
+    padded = _logits_and_grads(model, rows)
+    packed = _logits_and_grads(model, rows, by_sequence=True)
+    assert rows == [(4, 12), (3, 12)]
+    assert torch.allclose(packed[0], padded[0], atol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(packed[1], padded[1]))
+
+
+def test_an_attention_that_drops_the_packed_lengths_falls_back_to_rows_of_the_batch_width(monkeypatch):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    # As an architecture whose attention does not hand its keyword arguments on.
+    monkeypatch.setattr(training, "_attention_by_sequence",
+                        lambda *args, packed_lengths=None, **kwargs: sdpa_attention_forward(*args, **kwargs))
+    model = _tiny_decoder("llama")
+    decision = training.padding_free_decision(model, True)
+    assert decision["enabled"] and decision["attention"] == "block mask"
+    rows: list = []
+    padded = _logits_and_grads(model, rows)
+    packed = _logits_and_grads(model, rows, by_sequence=False)
+    assert rows == [(4, 12), (3, 12)]  # first fit, longest first: [12], [9, 3], [5]
+    assert torch.allclose(packed[0], padded[0], atol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(packed[1], padded[1]))
 
 
 @pytest.mark.parametrize("stage,ws", [("sft", "tiny_ws"), ("dpo", "pref_ws")])
