@@ -235,7 +235,6 @@ def test_first_fit_rows_put_the_longest_first_into_the_first_row_with_room():
 
 
 def _tiny_decoder(arch: str):
-    import torch
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -248,8 +247,6 @@ def _tiny_decoder(arch: str):
 
 def _logits_and_grads(model, rows_seen: list, **packing):
     """Logits and gradients of a batch of four right-padded rows, padded or (with `packing`) packed."""
-    import torch
-
     torch.manual_seed(1)
     mask = (torch.arange(12) < torch.tensor([[12], [5], [9], [3]])).long()
     ids = torch.randint(1, 100, (4, 12)) * mask
