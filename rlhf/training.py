@@ -485,6 +485,13 @@ def _register_by_sequence() -> None:
     AttentionMaskInterface.register(BY_SEQUENCE, _mask_by_sequence)
 
 
+def _can_run_by_sequence(config) -> bool:
+    """An SDPA model with no sliding window: a window needs the mask that by sequence does without."""
+    full = set(getattr(config, "layer_types", None) or []) <= {"full_attention"}
+    return (config._attn_implementation in ("sdpa", BY_SEQUENCE) and full
+            and getattr(config, "sliding_window", None) is None)
+
+
 @contextmanager
 def packed_backbone(model, by_sequence: bool = True) -> Iterator[None]:
     """Run the decoder of `model` padding-free for the block.
@@ -512,10 +519,7 @@ def packed_backbone(model, by_sequence: bool = True) -> Iterator[None]:
     forward = backbone.forward
     config = backbone.config
     attention = config._attn_implementation
-    # A sliding window needs the mask that by sequence does without.
-    full = set(getattr(config, "layer_types", None) or []) <= {"full_attention"}
-    by_sequence = (by_sequence and attention in ("sdpa", BY_SEQUENCE) and full
-                   and getattr(config, "sliding_window", None) is None)
+    by_sequence = by_sequence and _can_run_by_sequence(config)
 
     def packed(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
         spans = None if input_ids is None or past_key_values is not None else _spans(attention_mask, position_ids)
@@ -619,11 +623,11 @@ def padding_free_decision(model, enabled: bool) -> dict[str, Any]:
     try:
         with torch.no_grad():
             alone = [hidden([ids], [[1] * len(ids)])[0] for ids in sequences]
-            calls = _by_sequence_calls
-            with packed_backbone(model):
+            calls, by_sequence = _by_sequence_calls, _can_run_by_sequence(backbone.config)
+            with packed_backbone(model, by_sequence):
                 batch = hidden(*padded)
             attention = "by sequence" if _by_sequence_calls > calls else "block mask"
-            if attention == "block mask":  # the lengths never reached the attention: rows of the batch's width
+            if by_sequence and attention == "block mask":  # the lengths never reached the attention
                 with packed_backbone(model, by_sequence=False):
                     batch = hidden(*padded)
     except TypeError as e:  # a decoder that takes no position ids

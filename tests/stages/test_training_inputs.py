@@ -260,6 +260,11 @@ def _logits_and_grads(model, rows_seen: list, **packing):
     return logits[mask.bool()], grads
 
 
+def assert_same_logits_and_grads(packed, padded) -> None:
+    assert torch.allclose(packed[0], padded[0], atol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(packed[1], padded[1]))
+
+
 @pytest.mark.parametrize("arch", ["llama", *sorted(TINY_ARCHS)])
 def test_packed_attention_runs_each_sequence_alone_in_one_row_and_gives_the_padded_gradients(arch):
     model = _tiny_decoder(arch)
@@ -269,8 +274,7 @@ def test_packed_attention_runs_each_sequence_alone_in_one_row_and_gives_the_padd
     padded = _logits_and_grads(model, rows)
     packed = _logits_and_grads(model, rows, by_sequence=True)
     assert rows == [(4, 12), (1, 12 + 5 + 9 + 3)]  # packed: one row, not a padding slot in it
-    assert torch.allclose(packed[0], padded[0], atol=1e-5)
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(packed[1], padded[1]))
+    assert_same_logits_and_grads(packed, padded)
     assert model.config._attn_implementation == "sdpa"  # restored after the block
 
 
@@ -288,8 +292,7 @@ def test_a_sliding_window_model_packs_rows_of_the_batch_width_with_its_mask():
     padded = _logits_and_grads(model, rows)
     packed = _logits_and_grads(model, rows, by_sequence=True)
     assert rows == [(4, 12), (3, 12)]
-    assert torch.allclose(packed[0], padded[0], atol=1e-5)
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(packed[1], padded[1]))
+    assert_same_logits_and_grads(packed, padded)
 
 
 def test_an_attention_that_drops_the_packed_lengths_falls_back_to_rows_of_the_batch_width(monkeypatch):
@@ -305,8 +308,7 @@ def test_an_attention_that_drops_the_packed_lengths_falls_back_to_rows_of_the_ba
     padded = _logits_and_grads(model, rows)
     packed = _logits_and_grads(model, rows, by_sequence=False)
     assert rows == [(4, 12), (3, 12)]  # first fit, longest first: [12], [9, 3], [5]
-    assert torch.allclose(packed[0], padded[0], atol=1e-5)
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(packed[1], padded[1]))
+    assert_same_logits_and_grads(packed, padded)
 
 
 @pytest.mark.parametrize("stage,ws", [("sft", "tiny_ws"), ("dpo", "pref_ws")])
