@@ -73,6 +73,18 @@ TINY_ARCHS = {
 }
 
 
+@pytest.fixture
+def attention_drops_packed_lengths(monkeypatch) -> None:
+    """As an architecture whose attention does not hand its keyword arguments on: the packed
+    lengths never reach `_attention_by_sequence`, which then runs as plain SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from rlhf import training
+
+    monkeypatch.setattr(training, "_attention_by_sequence",
+                        lambda *args, packed_lengths=None, **kwargs: sdpa_attention_forward(*args, **kwargs))
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
     """The packaged SmolLM2 tokenizer (49k BPE, ChatML template), written once as a plain HF tokenizer."""

@@ -173,17 +173,13 @@ def test_over_long_pairs_are_cut_from_the_left_or_dropped(pref_ws, capsys):
     assert not (pref_ws / "checkpoints" / "reward").exists()
 
 
-def test_a_model_that_lets_packed_sequences_see_each_other_trains_padded(pref_ws, monkeypatch):
+def test_a_model_that_lets_packed_sequences_see_each_other_trains_padded(pref_ws, monkeypatch,
+                                                                         attention_drops_packed_lengths):
     import transformers.masking_utils
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from rlhf import training
 
     # As an architecture that builds a plain causal mask whatever the position ids say, and whose
     # attention does not hand the packed lengths on.
     monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
-    monkeypatch.setattr(training, "_attention_by_sequence",
-                        lambda *args, packed_lengths=None, **kwargs: sdpa_attention_forward(*args, **kwargs))
     assert rlhf(pref_ws, "reward", "model=base:latest", "train.max_steps=2", "max_length=256",
                 "bootstrap_samples=100", "normalization_samples=16") == 0
     used = ArtifactStore(pref_ws).resolve("reward:latest").manifest["metrics"]["padding_free"]

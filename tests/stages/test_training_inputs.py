@@ -295,12 +295,8 @@ def test_a_sliding_window_model_packs_rows_of_the_batch_width_with_its_mask():
     assert_same_logits_and_grads(packed, padded)
 
 
-def test_an_attention_that_drops_the_packed_lengths_falls_back_to_rows_of_the_batch_width(monkeypatch):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    # As an architecture whose attention does not hand its keyword arguments on.
-    monkeypatch.setattr(training, "_attention_by_sequence",
-                        lambda *args, packed_lengths=None, **kwargs: sdpa_attention_forward(*args, **kwargs))
+def test_an_attention_that_drops_the_packed_lengths_falls_back_to_rows_of_the_batch_width(
+        attention_drops_packed_lengths):
     model = _tiny_decoder("llama")
     decision = training.padding_free_decision(model, True)
     assert decision["enabled"] and decision["attention"] == "block mask"
