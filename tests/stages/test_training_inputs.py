@@ -265,17 +265,46 @@ def assert_same_logits_and_grads(packed, padded) -> None:
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(packed[1], padded[1]))
 
 
+# The sequence lengths SDPA's kernel saw in a packed forward, by the explicit-attention cap: none
+# (every sequence by matmul and softmax), the two longer than 5 tokens, or all four.
+KERNEL_LENGTHS = {128: [], 5: [12, 9], 0: [12, 5, 9, 3]}
+
+
+@pytest.mark.parametrize("explicit_max", sorted(KERNEL_LENGTHS))
 @pytest.mark.parametrize("arch", ["llama", *sorted(TINY_ARCHS)])
-def test_packed_attention_runs_each_sequence_alone_in_one_row_and_gives_the_padded_gradients(arch):
+def test_packed_attention_runs_each_sequence_alone_in_one_row_and_gives_the_padded_gradients(arch, explicit_max,
+                                                                                            monkeypatch):
     model = _tiny_decoder(arch)
     decision = training.padding_free_decision(model, True)
     assert decision["enabled"] and decision["attention"] == "by sequence"
     rows: list = []
     padded = _logits_and_grads(model, rows)
+    kernel_lengths: list = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, *args, **kwargs):
+        kernel_lengths.append(q.shape[2])
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(training, "EXPLICIT_MAX_TOKENS", explicit_max)
     packed = _logits_and_grads(model, rows, by_sequence=True)
     assert rows == [(4, 12), (1, 12 + 5 + 9 + 3)]  # packed: one row, not a padding slot in it
+    assert kernel_lengths == KERNEL_LENGTHS[explicit_max] * model.config.num_hidden_layers
     assert_same_logits_and_grads(packed, padded)
     assert model.config._attn_implementation == "sdpa"  # restored after the block
+
+
+def test_a_packed_forward_without_gradients_runs_every_sequence_through_the_kernel(monkeypatch):
+    model = _tiny_decoder("llama")
+    kernel_lengths: list = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: kernel_lengths.append(q.shape[2]) or sdpa(q, *a, **kw))
+    mask = (torch.arange(12) < torch.tensor([[12], [5]])).long()
+    with torch.no_grad(), training.packed_backbone(model):
+        model(input_ids=torch.randint(1, 100, (2, 12)) * mask, attention_mask=mask)
+    assert kernel_lengths == [12, 5] * model.config.num_hidden_layers
 
 
 def test_a_sliding_window_model_packs_rows_of_the_batch_width_with_its_mask():
