@@ -27,7 +27,7 @@ def test_ppo_raises_a_toy_reward_within_a_few_dozen_iterations(tiny_ws):
         return hits / rollout.response_mask.sum(dim=1).clamp(min=1)
 
     cfg = load_config(PPOConfig, None, [
-        "model=base:latest", "train.max_steps=30", "train.batch_size=16", "train.learning_rate=1e-2",
+        "model=base:latest", "train.max_steps=40", "train.batch_size=16", "train.learning_rate=1e-2",
         "ppo.minibatch_size=8", "ppo.update_epochs=4", "ppo.max_new_tokens=8", "ppo.kl_coef=0.01",
         "ppo.missing_eos_penalty=0", "ppo.temperature=1.0", "ppo.value_init=zero", "eval_every=10",
         "eval_prompts=16", "eval_gold=true", "eval_data=dev:latest"])
@@ -38,21 +38,23 @@ def test_ppo_raises_a_toy_reward_within_a_few_dozen_iterations(tiny_ws):
     first, last = history[0]["score"], sum(h["score"] for h in history[-5:]) / 5
     # The untrained policy hits the target in about 1% of tokens; a policy that did not learn
     # stays there (its 5-iteration mean moves by well under 0.02), so +0.1 is a clear margin.
+    # When it takes off varies with the seed and with the attention kernel's rounding: of 12 runs
+    # of 30 iterations (seeds and kernels varied), one was still below +0.1. So it has 40.
     assert last > first + 0.1, (first, last)
     assert m["eval_score"] > m["eval_score_initial"] + 0.1, (m["eval_score_initial"], m["eval_score"])
     assert all(math.isfinite(h["kl"]) for h in history) and math.isfinite(m["eval_kl"])
-    assert len(history) == 30 and {"clipfrac", "approx_kl", "value_loss", "entropy", "explained_variance",
+    assert len(history) == 40 and {"clipfrac", "approx_kl", "value_loss", "entropy", "explained_variance",
                                     "response_length"} <= set(history[0])
     assert (art.path / "logs" / "ppo_curves.png").is_file()
     assert m["padding_free"]["enabled"]  # and it learned on packed rollouts
     # The gold scorer, never optimised, is measured at every evaluation beside the toy reward.
     evals = [json.loads(line) for line in (art.path / "logs" / "evals.jsonl").read_text().splitlines()]
-    assert [e["iteration"] for e in evals] == [0, 10, 20, 30] and all(isinstance(e["gold"], float) for e in evals)
+    assert [e["iteration"] for e in evals] == [0, 10, 20, 30, 40] and all(isinstance(e["gold"], float) for e in evals)
     assert m["eval_gold_initial"] == evals[0]["gold"] and m["eval_gold"] == evals[-1]["gold"]
     # The same curves reach TensorBoard (report.to's default) through accelerate, inside the artifact.
     curves = tensorboard_scalars(art.path / "logs")
-    assert sorted(curves["score"]) == list(range(1, 31))
-    assert curves["kl"][30] == pytest.approx(history[-1]["kl"], rel=1e-5)
+    assert sorted(curves["score"]) == list(range(1, 41))
+    assert curves["kl"][40] == pytest.approx(history[-1]["kl"], rel=1e-5)
     assert {i["role"] for i in art.manifest["inputs"]} == {"model", "reference", "data", "eval_data"}
 
 
