@@ -265,28 +265,31 @@ def assert_same_logits_and_grads(packed, padded) -> None:
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(packed[1], padded[1]))
 
 
-# The sequence lengths SDPA's kernel saw in a packed forward, by the explicit-attention cap: none
-# (every sequence by matmul and softmax), the two longer than 5 tokens, or all four.
+@pytest.fixture
+def kernel_lengths(monkeypatch) -> list[int]:
+    """The sequence lengths that reach SDPA's kernel from here on."""
+    seen: list[int] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *args, **kwargs: seen.append(q.shape[2]) or sdpa(q, *args, **kwargs))
+    return seen
+
+
+# The lengths the kernel sees in a packed forward, by the explicit-attention cap: none (every
+# sequence by matmul and softmax), the two longer than 5 tokens, or all four.
 KERNEL_LENGTHS = {128: [], 5: [12, 9], 0: [12, 5, 9, 3]}
 
 
 @pytest.mark.parametrize("explicit_max", sorted(KERNEL_LENGTHS))
 @pytest.mark.parametrize("arch", ["llama", *sorted(TINY_ARCHS)])
-def test_packed_attention_runs_each_sequence_alone_in_one_row_and_gives_the_padded_gradients(arch, explicit_max,
-                                                                                            monkeypatch):
+def test_packed_attention_runs_each_sequence_alone_in_one_row_and_gives_the_padded_gradients(
+        arch, explicit_max, kernel_lengths, monkeypatch):
     model = _tiny_decoder(arch)
     decision = training.padding_free_decision(model, True)
     assert decision["enabled"] and decision["attention"] == "by sequence"
     rows: list = []
     padded = _logits_and_grads(model, rows)
-    kernel_lengths: list = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(q, *args, **kwargs):
-        kernel_lengths.append(q.shape[2])
-        return sdpa(q, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    kernel_lengths.clear()  # the padded run's and the check's calls
     monkeypatch.setattr(training, "EXPLICIT_MAX_TOKENS", explicit_max)
     packed = _logits_and_grads(model, rows, by_sequence=True)
     assert rows == [(4, 12), (1, 12 + 5 + 9 + 3)]  # packed: one row, not a padding slot in it
@@ -295,12 +298,8 @@ def test_packed_attention_runs_each_sequence_alone_in_one_row_and_gives_the_padd
     assert model.config._attn_implementation == "sdpa"  # restored after the block
 
 
-def test_a_packed_forward_without_gradients_runs_every_sequence_through_the_kernel(monkeypatch):
+def test_a_packed_forward_without_gradients_runs_every_sequence_through_the_kernel(kernel_lengths):
     model = _tiny_decoder("llama")
-    kernel_lengths: list = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda q, *a, **kw: kernel_lengths.append(q.shape[2]) or sdpa(q, *a, **kw))
     mask = (torch.arange(12) < torch.tensor([[12], [5]])).long()
     with torch.no_grad(), training.packed_backbone(model):
         model(input_ids=torch.randint(1, 100, (2, 12)) * mask, attention_mask=mask)
