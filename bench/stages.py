@@ -218,7 +218,7 @@ def ppo_rollout(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]
     import torch
 
     from ppo.rollout import sync_sampler
-    from rlhf.sampling import sample
+    from rlhf.sampling import response_mask, sample
 
     from rlhf import models
 
@@ -230,13 +230,18 @@ def ppo_rollout(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]
                         enabled=dtype != torch.float32):
         if side == "suite":
             sync_sampler(sampler, policy)
-            rollouts = [sample(sampler, tokenizer, ids, mask, budget["max_new_tokens"], 0.7)]
-        else:
-            rollouts = [sample(policy, tokenizer, ids[i:i + 1, ids.shape[1] - int(mask[i].sum()):],
-                               mask[i:i + 1, ids.shape[1] - int(mask[i].sum()):], budget["max_new_tokens"], 0.7)
-                        for i in range(len(ids))]
+            masks = [sample(sampler, tokenizer, ids, mask, budget["max_new_tokens"], 0.7).response_mask]
+        else:  # transformers' own sampling, one prompt at a time through the adapter
+            masks = []
+            for i in range(len(ids)):
+                prompt = ids[i:i + 1, ids.shape[1] - int(mask[i].sum()):]
+                out = policy.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                      max_new_tokens=budget["max_new_tokens"], do_sample=True, temperature=0.7,
+                                      top_k=0, pad_token_id=tokenizer.pad_token_id,
+                                      eos_token_id=tokenizer.eos_token_id)
+                masks.append(response_mask(out[:, prompt.shape[1]:], tokenizer.eos_token_id)[0])
     wall = time.perf_counter() - start
-    tokens = sum(int(r.response_mask.sum()) for r in rollouts)
+    tokens = sum(int(m.sum()) for m in masks)
     return {"tokens": tokens, "wall_s": wall, "metric": tokens / len(ids), "metric_name": "mean response tokens",
             "flops": 2 * n * tokens}
 

@@ -53,6 +53,25 @@ def test_k_samples_per_prompt_come_prompt_major_and_greedy_repeats_one(tiny):
     assert bool((rollout.response_ids[rollout.response_mask == 0] == pad_id).all())
 
 
+def test_inverse_transform_sampling_draws_from_the_distribution_and_never_a_cut_token():
+    """20,000 draws from two rows: the frequencies fit the probabilities (chi-square), and a
+    token of probability 0 (what top-p leaves a cut token) never comes up."""
+    from scipy.stats import chisquare
+
+    p = torch.tensor([[0.5, 0.25, 0.125, 0.0, 0.125], [0.0, 0.0, 0.9, 0.09, 0.01]])
+    torch.manual_seed(0)
+    draw = sampling.InverseTransformSampling()
+    drawn = torch.stack([draw(None, p.log().repeat(1000, 1)).argmax(-1).view(1000, 2) for _ in range(10)]).view(-1, 2)
+    for row in range(2):
+        counts = torch.bincount(drawn[:, row], minlength=5)
+        assert counts[p[row] == 0].sum() == 0
+        seen = p[row] > 0
+        assert chisquare(counts[seen].numpy(), p[row][seen].numpy() * len(drawn)).pvalue > 1e-3
+    # The chosen token is the only one left: greedy decoding emits it.
+    out = draw(None, p.log())
+    assert bool(((out == 0).sum(-1) == 1).all()) and bool((out[out != 0] == float("-inf")).all())
+
+
 def test_response_logprobs_are_the_sampling_distribution(tiny):
     """The log-probs of the one-pass response forward equal those `generate` sampled from,
     step by step with the KV cache, left padding included."""
@@ -60,13 +79,13 @@ def test_response_logprobs_are_the_sampling_distribution(tiny):
     ids, mask, _ = sampling.encode_prompts(tokenizer, prompts(3), 256)
     assert not bool(mask.all())  # prompts of different lengths: some rows are left-padded
     torch.manual_seed(0)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, output_scores=True,
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, output_logits=True,
                          return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, **sampling.sampling_kwargs(0.7))
     response = out.sequences[:, ids.shape[1]:]
-    # `scores` are the logits after temperature (top_k is off, top_p 1): the distribution sampled from.
-    expected = torch.stack([s.log_softmax(-1).gather(-1, response[:, [t]]).squeeze(-1)
-                            for t, s in enumerate(out.scores)], dim=1)
+    # The raw logits over the temperature (top_p 1): the distribution each token was drawn from.
+    expected = torch.stack([(s / 0.7).log_softmax(-1).gather(-1, response[:, [t]]).squeeze(-1)
+                            for t, s in enumerate(out.logits)], dim=1)
     m, has_eos = sampling.response_mask(response, tokenizer.eos_token_id)
     rollout = sampling.Rollout(ids, mask, response.masked_fill(m == 0, tokenizer.pad_token_id), m, has_eos)
     got = sampling.forward_response(model, rollout, temperature=0.7)["logprobs"]
