@@ -198,7 +198,8 @@ class FineTuneConfig(StageConfig):
     freeze: FreezeConfig = FreezeConfig()
     peft: PeftMethodConfig = PeftMethodConfig()
     padding_free: bool = Field(True, description="run the decoder on each batch's sequences packed into as few rows "
-                                                 "as hold them, instead of padded to the longest (checked on load)")
+                                                 "as hold them, the first tokens sequences share once, instead of "
+                                                 "padded to the longest (checked on load)")
 
     @property
     def data_refs(self) -> list[str]:
@@ -342,7 +343,8 @@ class PPOConfig(StageConfig):
     eval_prompts: int = Field(16, ge=1, description="held-out prompts per evaluation")
     samples_kept: int = Field(4, ge=0, description="sample responses kept per evaluation")
     padding_free: bool = Field(True, description="run the policy's decoder on each rollout batch packed into as few "
-                                                 "rows as hold it, instead of padded (checked on load)")
+                                                 "rows as hold it, the first tokens rollouts share once, instead of "
+                                                 "padded (checked on load)")
     eval_gold: bool = Field(False, description="also score held-out answers with the demo's gold scorer "
                                            "(rlhf.judges.gold_score), which training never sees: the reward model's "
                                            "score beside it shows over-optimisation (Gao et al. 2022); meaningful on "

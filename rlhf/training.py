@@ -443,17 +443,24 @@ BY_SEQUENCE = "rlhf_sdpa_by_sequence"
 # kernel. Per call, forward and backward, the two are even at 256 tokens; at 192 the explicit
 # form was 1.14x faster but kept 4-8% more of the reward model's memory for no gain in its step.
 EXPLICIT_MAX_TOKENS = 128
+# Packed by sequence, a sequence whose first tokens (at least this many) are those of an earlier
+# sequence in the batch runs only the tokens after them (`packed_backbone`). 0 turns this off.
+SHARED_PREFIX_MIN_TOKENS = 16
 _by_sequence_calls = 0  # how many attention calls ran by sequence; padding_free_decision checks it moved
 
 
 def _attention_by_sequence(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                           packed_lengths=None, **kwargs):
+                           packed_lengths=None, packed_prefixes=None, **kwargs):
     """transformers' SDPA attention, but for a packed row (`packed_lengths`, from `packed_backbone`) one
     causal attention per sequence: SDPA's kernel, or for a short sequence that trains on a CPU,
     matmul and softmax. transformers keeps packed sequences apart with a block mask over
     the whole row, and with a mask the CPU flash kernel computes every pair of the row's positions,
     the half above the diagonal included; by sequence it computes only the pairs a sequence attends
-    to, so packing needs no rows of the batch's width and no padding to fill them."""
+    to, so packing needs no rows of the batch's width and no padding to fill them.
+
+    `packed_prefixes[s]`, where not None, lists the tokens before segment s's own as (segment, m)
+    pieces, the first m tokens of an earlier segment each: a sequence whose first tokens are an
+    earlier sequence's runs only the rest, and attends to the earlier one's keys and values."""
     import torch
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
@@ -471,21 +478,31 @@ def _attention_by_sequence(module, query, key, value, attention_mask, dropout=0.
     # were not measured.
     trains = torch.is_grad_enabled() and query.requires_grad and not dropout
     explicit_max = EXPLICIT_MAX_TOKENS if trains and query.device.type == "cpu" else 0
+    prefixes = packed_prefixes or [None] * len(packed_lengths)
     upper = None
     out = []
     # split, not slicing: a slice's backward writes its gradient into a zeroed tensor of the whole
     # row, once per sequence, where split's backward is one concatenation.
-    for q, k, v in zip(*(t.split(packed_lengths, dim=2) for t in (query, key, value))):
+    keys, values = key.split(packed_lengths, dim=2), value.split(packed_lengths, dim=2)
+    for q, k, v, prefix in zip(query.split(packed_lengths, dim=2), keys, values, prefixes):
+        p = 0
+        if prefix is not None:
+            p = sum(m for _, m in prefix)
+            k = torch.cat([*(keys[segment][:, :, :m] for segment, m in prefix), k], dim=2)
+            v = torch.cat([*(values[segment][:, :, :m] for segment, m in prefix), v], dim=2)
         n = q.shape[2]
-        if n > explicit_max:
-            out.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale,
-                                                                        is_causal=True))
+        # The scores a call computes, against a causal sequence of the cap's length.
+        if n * (p + n) > explicit_max * explicit_max:
+            # Query i sits at position p + i and attends to keys 0..p + i.
+            mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril(p) if p else None
+            out.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                                        scale=scale, is_causal=not p))
             continue
         # softmax(q·kᵀ·scale) v, causal, as transformers' eager attention computes it (softmax in fp32).
-        if upper is None:
-            m = min(max(packed_lengths), explicit_max)
+        if upper is None or upper.shape[0] < p + n:
+            m = max(p + n, min(max(packed_lengths), explicit_max))
             upper = torch.ones(m, m, dtype=torch.bool, device=q.device).triu(1)
-        scores = torch.matmul(q, k.transpose(2, 3)).mul_(scale).masked_fill_(upper[:n, :n], float("-inf"))
+        scores = torch.matmul(q, k.transpose(2, 3)).mul_(scale).masked_fill_(upper[p:p + n, :p + n], float("-inf"))
         out.append(torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v))
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
 
@@ -533,6 +550,13 @@ def packed_backbone(model, by_sequence: bool = True) -> Iterator[None]:
     rows hold 2.15 tokens per token of text; packed into rows of the batch's width, 1.12. Batches
     with a cache (sampling), with padding inside a row, or with position ids of their own run as
     they come.
+
+    By sequence, a sequence that begins with at least `SHARED_PREFIX_MIN_TOKENS` of an earlier
+    sequence's tokens runs only the tokens after them, at their own positions, attending to the
+    earlier sequence's keys for the shared ones; the shared positions' hidden states are the earlier
+    sequence's. In a causal decoder those tokens compute the same thing in both sequences, so this
+    changes nothing but the work: on the bench's HH pairs the reward model ran 1,143 tokens of a
+    batch's 1,842, and DPO 1,533 of 2,839.
     """
     import torch
 
@@ -551,26 +575,47 @@ def packed_backbone(model, by_sequence: bool = True) -> Iterator[None]:
             return forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                            past_key_values=past_key_values, **kwargs)
         starts, lengths = spans
-        width = sum(lengths) if by_sequence else input_ids.shape[1]
+        # Each sequence's (earlier sequence, tokens shared with it), by sequence; the shared tokens run once.
+        shared = _shared_prefixes(input_ids, starts, lengths) if by_sequence else [(None, 0)] * len(lengths)
+        width = sum(lengths) - sum(p for _, p in shared) if by_sequence else input_ids.shape[1]
         rows = [list(range(len(lengths)))] if by_sequence else first_fit_rows(lengths, width)
         device = input_ids.device
         ids = torch.zeros((len(rows), width), dtype=input_ids.dtype, device=device)
         positions = torch.zeros_like(ids)
         # Where each padded slot's hidden state is in the packed rows (padding reads slot 0).
         source = torch.zeros(input_ids.shape, dtype=torch.long, device=device)
+        # Each sequence's tokens as (segment, its first m tokens) pieces; a sequence runs only its last piece.
+        pieces: list[list[tuple[int, int]]] = []
+        segments, prefixes = [], []
         for r, row in enumerate(rows):
             at = 0
             for i in row:
                 a, n = starts[i], lengths[i]
-                ids[r, at:at + n] = input_ids[i, a:a + n]
-                positions[r, at:at + n] = torch.arange(n, device=device)
-                source[i, a:a + n] = torch.arange(r * width + at, r * width + at + n, device=device)
-                at += n
+                earlier, p = shared[i]
+                prefix = []
+                if p:  # the shared tokens' hidden states and keys are the earlier sequence's
+                    source[i, a:a + p] = source[earlier, starts[earlier]:starts[earlier] + p]
+                    left = p
+                    for segment, m in pieces[earlier]:
+                        if left:
+                            prefix.append((segment, min(m, left)))
+                            left -= min(m, left)
+                pieces.append(prefix + ([(len(segments), n - p)] if n > p else []))
+                if n == p:
+                    continue
+                ids[r, at:at + n - p] = input_ids[i, a + p:a + n]
+                positions[r, at:at + n - p] = torch.arange(p, n, device=device)
+                source[i, a + p:a + n] = torch.arange(r * width + at, r * width + at + n - p, device=device)
+                prefixes.append(prefix or None)
+                segments.append(n - p)
+                at += n - p
             positions[r, at:] = torch.arange(width - at, device=device)  # the padding tail: a sequence of its own
         kwargs["use_cache"] = False  # with a cache, transformers would not read boundaries from positions
         global _packed_forward
         if by_sequence:
-            kwargs["packed_lengths"] = lengths
+            kwargs["packed_lengths"] = segments
+            if any(prefixes):
+                kwargs["packed_prefixes"] = prefixes
         _packed_forward = by_sequence
         try:
             out = forward(input_ids=ids, position_ids=positions, **kwargs)
@@ -594,6 +639,27 @@ def packed_backbone(model, by_sequence: bool = True) -> Iterator[None]:
             del backbone.forward  # the class's own forward again
         else:
             backbone.forward = own
+
+
+def _shared_prefixes(input_ids, starts: list[int], lengths: list[int]) -> list[tuple[int | None, int]]:
+    """For each sequence, the earlier sequence it shares the most first tokens with and how many, where
+    that is at least `SHARED_PREFIX_MIN_TOKENS`, else (None, 0). The chosen and rejected sides of a
+    pair share their prompt, and every row of a chat template its system prompt."""
+    import torch
+
+    n = len(lengths)
+    if not SHARED_PREFIX_MIN_TOKENS or n < 2:
+        return [(None, 0)] * n
+    at = torch.arange(max(lengths), device=input_ids.device)
+    valid = at < torch.tensor(lengths, device=input_ids.device)[:, None]
+    index = (torch.tensor(starts, device=input_ids.device)[:, None] + at).clamp(max=input_ids.shape[1] - 1)
+    ids = torch.where(valid, input_ids.gather(1, index), -1)  # each sequence from its first token; -1 after it
+    shared: list[tuple[int | None, int]] = [(None, 0)]
+    for i in range(1, n):
+        common = ((ids[:i] == ids[i]) & valid[i]).int().cumprod(dim=1).sum(dim=1)
+        j = int(common.argmax())
+        shared.append((j, int(common[j])) if common[j] >= SHARED_PREFIX_MIN_TOKENS else (None, 0))
+    return shared
 
 
 def _spans(attention_mask, position_ids) -> tuple[list[int], list[int]] | None:
@@ -623,8 +689,9 @@ def packed_where_safe(model, enabled: bool) -> Iterator[dict[str, Any]]:
 
 
 def padding_free_decision(model, enabled: bool) -> dict[str, Any]:
-    """Whether to train `model` padding-free (`packed_backbone`), and why: three short sequences in a
-    batch whose last two share a packed row must give the hidden states they give alone.
+    """Whether to train `model` padding-free (`packed_backbone`), and why: four short sequences in a
+    batch, two of which share a packed row and two their first 20 tokens, must give the hidden states
+    they give alone.
     transformers separates packed sequences only where the architecture builds its attention mask
     from position ids. `attention` says how: "by sequence" where the architecture hands the packed
     lengths on to `_attention_by_sequence` and has no sliding window, else "block mask"."""
@@ -636,12 +703,13 @@ def padding_free_decision(model, enabled: bool) -> dict[str, Any]:
     if backbone is None:
         return {"enabled": False, "reason": f"{type(model).__name__} has no decoder to run packed"}
     vocab = backbone.get_input_embeddings().num_embeddings
-    sequences = [[(7 * i + k) % vocab for i in range(n)] for k, n in ((11, 16), (23, 8), (37, 8))]
+    sequences = [[(7 * i + k) % vocab for i in range(n)] for k, n in ((11, 24), (23, 8), (37, 8))]
+    sequences.append(sequences[0][:20] + [(5 * i + 3) % vocab for i in range(4)])  # a shared prefix
     device = next(model.parameters()).device
     hidden = lambda ids, mask: backbone(input_ids=torch.tensor(ids, device=device), use_cache=False,
                                         attention_mask=torch.tensor(mask, device=device)).last_hidden_state.float()
-    padded = ([ids + [0] * (16 - len(ids)) for ids in sequences],
-              [[1] * len(ids) + [0] * (16 - len(ids)) for ids in sequences])
+    padded = ([ids + [0] * (24 - len(ids)) for ids in sequences],
+              [[1] * len(ids) + [0] * (24 - len(ids)) for ids in sequences])
     was_training = model.training
     model.eval()
     try:

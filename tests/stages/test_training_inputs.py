@@ -245,11 +245,13 @@ def _tiny_decoder(arch: str):
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
 
 
-def _logits_and_grads(model, rows_seen: list, **packing):
-    """Logits and gradients of a batch of four right-padded rows, padded or (with `packing`) packed."""
-    torch.manual_seed(1)
-    mask = (torch.arange(12) < torch.tensor([[12], [5], [9], [3]])).long()
-    ids = torch.randint(1, 100, (4, 12)) * mask
+def _logits_and_grads(model, rows_seen: list, ids=None, **packing):
+    """Logits and gradients of a batch of right-padded rows (four random ones unless `ids` are given,
+    0 padding), padded or (with `packing`) packed."""
+    if ids is None:
+        torch.manual_seed(1)
+        ids = torch.randint(1, 100, (4, 12)) * (torch.arange(12) < torch.tensor([[12], [5], [9], [3]]))
+    mask = (ids != 0).long()
     hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: rows_seen.append(tuple(a[0].shape)))
     with training.packed_backbone(model, **packing) if packing else nullcontext():
         logits = model(input_ids=ids, attention_mask=mask).logits
@@ -296,6 +298,48 @@ def test_packed_attention_runs_each_sequence_alone_in_one_row_and_gives_the_padd
     assert kernel_lengths == KERNEL_LENGTHS[explicit_max] * model.config.num_hidden_layers
     assert_same_logits_and_grads(packed, padded)
     assert model.config._attn_implementation == "sdpa"  # restored after the block
+
+
+def _pairs_with_shared_prompts() -> torch.Tensor:
+    """Right-padded rows as a batch of preference pairs brings them: prompts shared by two sides."""
+    torch.manual_seed(2)
+    a, b, c = (torch.randint(1, 100, (n,)).tolist() for n in (20, 9, 6))
+    rows = [a,                     # a sequence of its own
+            a[:18] + c[:4],        # its first 18 tokens: shared, the rest run after them
+            b,                     # of its own
+            a[:16],                # every token shared: nothing of its own to run
+            b[:5] + c,             # 5 in common, fewer than SHARED_PREFIX_MIN_TOKENS: of its own
+            a[:18] + c[:2] + b]    # 20 shared with the second row: 18 of them the first's
+    return torch.tensor([r + [0] * (29 - len(r)) for r in rows])
+
+
+@pytest.mark.parametrize("explicit_max", [128, 0])
+@pytest.mark.parametrize("arch", ["llama", *sorted(TINY_ARCHS)])
+def test_sequences_that_share_their_first_tokens_run_them_once_and_give_the_padded_gradients(
+        arch, explicit_max, kernel_lengths, monkeypatch):
+    # In float64: a shared token's gradient is the sum of its two sequences', and in fp32 the two
+    # orders of summing differ by more than the padded run's tolerance.
+    model = _tiny_decoder(arch).double()
+    assert training.SHARED_PREFIX_MIN_TOKENS == 16
+    ids = _pairs_with_shared_prompts()
+    rows: list = []
+    padded = _logits_and_grads(model, rows, ids)
+    kernel_lengths.clear()
+    monkeypatch.setattr(training, "EXPLICIT_MAX_TOKENS", explicit_max)
+    packed = _logits_and_grads(model, rows, ids, by_sequence=True)
+    assert rows == [(6, 29), (1, 20 + 4 + 9 + 11 + 9)]
+    # Through the kernel, the second row's own 4 tokens are a query of 4 against 22 keys.
+    assert kernel_lengths == ([20, 4, 9, 11, 9] if explicit_max == 0 else []) * model.config.num_hidden_layers
+    assert_same_logits_and_grads(packed, padded)
+
+
+def test_the_load_check_turns_padding_free_off_where_shared_tokens_are_not_attended_to(monkeypatch):
+    # As a broken sharing would be: the tokens after a shared prefix attend only to each other.
+    attention = training._attention_by_sequence
+    monkeypatch.setattr(training, "_attention_by_sequence",
+                        lambda *args, packed_prefixes=None, **kwargs: attention(*args, **kwargs))
+    decision = training.padding_free_decision(_tiny_decoder("llama"), True)
+    assert not decision["enabled"] and "see each other" in decision["reason"]
 
 
 def test_a_packed_forward_without_gradients_runs_every_sequence_through_the_kernel(kernel_lengths):
