@@ -644,7 +644,7 @@ def packed_backbone(model, by_sequence: bool = True) -> Iterator[None]:
 def _shared_prefixes(input_ids, starts: list[int], lengths: list[int]) -> list[tuple[int | None, int]]:
     """For each sequence, the earlier sequence it shares the most first tokens with and how many, where
     that is at least `SHARED_PREFIX_MIN_TOKENS`, else (None, 0). The chosen and rejected sides of a
-    pair share their prompt, and every row of a chat template its system prompt."""
+    pair share their prompt, and rows that open with the same system prompt share it."""
     import torch
 
     n = len(lengths)
