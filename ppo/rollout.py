@@ -23,11 +23,15 @@ def merged_sampler(base, dtype):
 
 @torch.no_grad()
 def sync_sampler(sampler, policy) -> None:
-    """Write the policy's current weights, adapter merged, into the sampler (W + B·A·scale)."""
+    """Write the policy's current weights, adapter merged, into the sampler (W + B·A·scale), and
+    pack them again for the CPU's decoding steps (`rlhf/sampling.py: pack_linear_weights`)."""
     from peft.tuners.lora import LoraLayer
+
+    from rlhf.sampling import pack_linear_weights
 
     weights = dict(sampler.named_parameters())
     for name, module in policy.base_model.model.named_modules():
         if isinstance(module, LoraLayer):
             merged = module.get_base_layer().weight + module.get_delta_weight(module.active_adapters[0])
             weights[f"{name}.weight"].copy_(merged)
+    pack_linear_weights(sampler)

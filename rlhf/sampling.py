@@ -112,6 +112,58 @@ def sampling_kwargs(temperature: float, top_p: float = 1.0) -> dict[str, Any]:
     return {"do_sample": False, "logits_processor": LogitsProcessorList([*shape, InverseTransformSampling()])}
 
 
+def _packed_linear(self, x: torch.Tensor) -> torch.Tensor:
+    """`nn.Linear.forward` through the weight `pack_linear_weights` packed; the plain one where
+    a gradient could be asked for or the input is in another dtype (the packed kernel has no
+    backward and no autocast)."""
+    if torch.is_grad_enabled() or x.dtype != self._packed_weight.dtype:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+    return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight, self.bias, "none", [], "")
+
+
+def pack_linear_weights(model) -> bool:
+    """Give every plain linear layer of an inference-only CPU model a copy of its weight in
+    oneDNN's blocked layout, and compute through it; True if it did.
+
+    A bf16 or fp32 linear layer on a CPU reorders its weight into that layout at every call.
+    For the prompt that is a small part of a large matmul; for a decoding step, a few rows
+    against the whole weight, it is most of the call: one 576→1536 layer at 16 rows took 188
+    against 116 µs in bf16 and 415 against 217 µs in fp32 (a 2-core AMD EPYC with
+    AVX512-BF16). The packed layer runs the same bf16 kernel, so the sampled tokens are the
+    same bit for bit (fp32 differs by rounding, about 1e-7 of the output's scale).
+
+    The weights stay as they are (the packed copies are extra memory, a bf16 copy of the
+    linear weights); after they change, call this again (`ppo/rollout.py: sync_sampler`).
+    Nothing is packed on a GPU, in a torch without oneDNN, in fp16, or where the packed
+    layer would not give the plain layer's output.
+    """
+    from torch import nn
+
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    if not linears or device_of(model).type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    dtype = linears[0].weight.dtype
+    if dtype not in (torch.float32, torch.bfloat16) or (
+            dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    with torch.no_grad():
+        try:
+            # The hint is the rows of a decoding step; any other number of rows works too.
+            packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 16) for m in linears]
+            # Its own generator: packing must not move the seeded stream the sampler draws from.
+            probe = torch.randn(3, linears[0].in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
+            got = torch.ops.mkldnn._linear_pointwise(probe, packed[0], linears[0].bias, "none", [], "")
+        except RuntimeError:  # an op this torch build lacks
+            return False
+        want = torch.nn.functional.linear(probe, linears[0].weight, linears[0].bias)
+    if not torch.allclose(got.float(), want.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-4, atol=1e-4):
+        return False
+    for m, weight in zip(linears, packed):
+        m._packed_weight = weight  # an attribute, not a buffer: state_dict and saving are untouched
+        m.forward = _packed_linear.__get__(m)
+    return True
+
+
 # Static-cache prompts are left-padded to a multiple of this, so a run compiles few shapes.
 STATIC_PROMPT_BUCKET = 64
 

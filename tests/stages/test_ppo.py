@@ -142,6 +142,17 @@ def test_the_merged_sampler_matches_the_policy_with_its_adapter(tiny_ws):
             got = sampler(input_ids=ids).logits.float()
         assert (stale - want).abs().max() > 10 * tol, "the adapter must matter for this check to mean anything"
         assert (got - want).abs().max() < tol, (dtype, (got - want).abs().max())
+        # A second sync, as every PPO iteration makes: the sampler follows the adapter again
+        # (on a CPU its packed weights are packed again, not left as they were).
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+            want = policy(input_ids=ids).logits.float()
+            sync_sampler(sampler, policy)
+            got_again = sampler(input_ids=ids).logits.float()
+        assert (got - want).abs().max() > 10 * tol
+        assert (got_again - want).abs().max() < tol, (dtype, (got_again - want).abs().max())
 
 
 def test_a_ppo_sweep_checks_every_trial_before_the_first_trains(pref_ws, capsys, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import DEMO_DATA
+from conftest import DEMO_DATA, TINY_ARCHS
 from rlhf import sampling, training
 
 
@@ -170,3 +170,66 @@ def test_a_static_cache_samples_what_the_dynamic_one_does(tiny):
     assert torch.equal(static.response_ids, dynamic.response_ids)
     assert torch.allclose(sampling.forward_response(model, static)["logprobs"] * static.response_mask,
                           sampling.forward_response(model, dynamic)["logprobs"] * dynamic.response_mask, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", *sorted(TINY_ARCHS)])
+def test_packed_linear_weights_sample_the_same_tokens_and_follow_a_weight_change(arch, tiny, monkeypatch):
+    """A model whose linear layers compute through oneDNN-packed weights samples the plain
+    model's tokens from the same seed (bf16: bit for bit; fp32: logits to rounding), falls back
+    to the plain layer where a gradient is asked for, and packed again after its weights
+    change, follows them."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from rlhf import models
+
+    _, tokenizer = tiny
+    config_name, extra = TINY_ARCHS.get(arch, ("LlamaConfig", {"intermediate_size": 128, "num_key_value_heads": 2}))
+    config = getattr(transformers, config_name)(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, pad_token_id=tokenizer.pad_token_id,
+                                                eos_token_id=tokenizer.eos_token_id, initializer_range=0.1, **extra)
+    ids, mask, _ = sampling.encode_prompts(tokenizer, prompts(4), 256)
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a), raising=False)
+    for precision in ("bf16", "fp32"):
+        torch.manual_seed(0)
+        plain = AutoModelForCausalLM.from_config(config).to(models.torch_dtype(precision)).eval()
+        packed = AutoModelForCausalLM.from_config(config)
+        packed.load_state_dict(plain.state_dict())
+        rng = torch.get_rng_state()
+        if not sampling.pack_linear_weights(packed.to(plain.dtype).eval()):
+            pytest.skip("this CPU's oneDNN cannot pack these weights")
+        assert torch.equal(rng, torch.get_rng_state()), "packing must not move the sampler's seeded stream"
+        linears = [m for m in packed.modules() if type(m) is torch.nn.Linear]
+        assert linears and all(hasattr(m, "_packed_weight") for m in linears)
+        assert set(packed.state_dict()) == set(plain.state_dict())  # nothing extra would be saved
+        calls.clear()
+        with torch.no_grad():
+            want, got = plain(input_ids=ids).logits.float(), packed(input_ids=ids).logits.float()
+        assert len(calls) == len(linears), "every linear layer must run packed"
+        tol = 0 if precision == "bf16" else 1e-5
+        assert (got - want).abs().max() <= tol * want.abs().max(), (precision, (got - want).abs().max())
+        outs = []
+        for model in (plain, packed):
+            torch.manual_seed(1)
+            outs.append(sampling.sample(model, tokenizer, ids, mask, max_new_tokens=8, temperature=1.0).response_ids)
+        if precision == "bf16":
+            assert torch.equal(outs[0], outs[1])
+        # With gradients on, the plain layer runs, and they flow.
+        calls.clear()
+        packed.lm_head.weight.requires_grad_(True)
+        packed(input_ids=ids).logits.float().sum().backward()
+        assert not calls and packed.lm_head.weight.grad is not None
+        # New weights: the stale packed copies would give the old logits; packed again, the new ones.
+        with torch.no_grad():
+            for model in (plain, packed):
+                for m in model.modules():
+                    if type(m) is torch.nn.Linear:
+                        m.weight.mul_(-1.5)
+            want = plain(input_ids=ids).logits.float()
+            stale = packed(input_ids=ids).logits.float()
+            sampling.pack_linear_weights(packed)
+            got = packed(input_ids=ids).logits.float()
+        assert (stale - want).abs().max() > 0.1 * want.abs().max()
+        assert (got - want).abs().max() <= tol * want.abs().max()
