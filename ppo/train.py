@@ -119,7 +119,8 @@ def main(cfg: PPOConfig, store: ArtifactStore) -> Artifact | None:
     reward = RewardModel(store, cfg.reward)
 
     def score_fn(prompts, texts, rollout):
-        return torch.tensor(reward.score(prompts, texts, batch_size=cfg.train.batch_size))
+        return torch.tensor(reward.score(prompts, texts, batch_size=cfg.train.batch_size,
+                                         padding_free=cfg.padding_free))
 
     head = value_head_init(reward) if cfg.ppo.value_init == "reward" else None
     return train(cfg, store, score_fn, reward_artifact=reward.artifact, reward_head=head, inputs=inputs)

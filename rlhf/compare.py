@@ -392,7 +392,7 @@ def kl_to_reference(store: ArtifactStore, model: Artifact, prompts: list, texts:
     """
     import torch
 
-    from rlhf import models, progress
+    from rlhf import models, progress, training
     from rlhf.sampling import forward_response, rollout_of_texts
 
     ref = (model.input("reference") or {}).get("ref")
@@ -406,7 +406,8 @@ def kl_to_reference(store: ArtifactStore, model: Artifact, prompts: list, texts:
     with progress.phase(f"compare: KL of {model.ref} to its reference {reference.ref}"):
         for art in (model, reference):  # one model in memory at a time
             net = models.for_inference(models.load_causal_lm(store, art, sampling_only=True), precision)
-            with torch.inference_mode():
+            # Packed where the load check allows: no padding, and the shared system prompt runs once.
+            with torch.inference_mode(), training.packed_where_safe(net, True):
                 sums.append(torch.cat([(forward_response(net, b, temperature)["logprobs"].cpu()
                                         * b.response_mask).sum(1) for b in batches]))
             del net

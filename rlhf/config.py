@@ -344,7 +344,7 @@ class PPOConfig(StageConfig):
     samples_kept: int = Field(4, ge=0, description="sample responses kept per evaluation")
     padding_free: bool = Field(True, description="run the policy's decoder on each rollout batch packed into as few "
                                                  "rows as hold it, the first tokens rollouts share once, instead of "
-                                                 "padded (checked on load)")
+                                                 "padded (checked on load); the reward model scores them so too")
     eval_gold: bool = Field(False, description="also score held-out answers with the demo's gold scorer "
                                            "(rlhf.judges.gold_score), which training never sees: the reward model's "
                                            "score beside it shows over-optimisation (Gao et al. 2022); meaningful on "

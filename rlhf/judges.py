@@ -17,16 +17,19 @@ Messages = list[dict[str, str]]
 
 
 def raw_rewards(model, tokenizer, conversations: Sequence[Messages], batch_size: int = 16,
-                max_length: int = 1024) -> list[float]:
+                max_length: int = 1024, padding_free: bool = True) -> list[float]:
     """The classifier's scalar output for each full conversation (prompt + response), unnormalised.
 
     Sequences are sorted by length so each batch pads little, and left-truncated to
-    `max_length` so the response being judged is never the part cut off.
+    `max_length` so the response being judged is never the part cut off. With `padding_free`
+    each batch runs packed, where the load check allows it (`training.packed_where_safe`): no
+    padding, and a system prompt the conversations share runs once.
     """
     import torch
 
     from rlhf.models import resolve_precision, torch_dtype
     from rlhf.sampling import device_of, pad
+    from rlhf.training import packed_where_safe
 
     dtype = torch_dtype(resolve_precision("auto"))
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
@@ -35,14 +38,15 @@ def raw_rewards(model, tokenizer, conversations: Sequence[Messages], batch_size:
     out = [0.0] * len(ids)
     device = device_of(model)
     model.eval()
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        # Right padding: the classifier reads the last non-pad token of each row.
-        input_ids, attention = pad([ids[i] for i in idx], tokenizer.pad_token_id, side="right")
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-        for row, i in enumerate(idx):
-            out[i] = float(logits[row, 0])
+    with packed_where_safe(model, padding_free):
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            # Right padding: the classifier reads the last non-pad token of each row.
+            input_ids, attention = pad([ids[i] for i in idx], tokenizer.pad_token_id, side="right")
+            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+            for row, i in enumerate(idx):
+                out[i] = float(logits[row, 0])
     return out
 
 
@@ -73,10 +77,11 @@ class RewardModel:
         self.model = AutoModelForSequenceClassification.from_pretrained(self.artifact.path)
         self.model.to("cuda" if cuda_available() else "cpu")
 
-    def score(self, prompts: Sequence[Messages], responses: Sequence[str], batch_size: int = 16) -> list[float]:
+    def score(self, prompts: Sequence[Messages], responses: Sequence[str], batch_size: int = 16,
+              padding_free: bool = True) -> list[float]:
         """Normalised reward of each `response` as the assistant's reply to the matching prompt."""
         conversations = [list(p) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
-        raw = raw_rewards(self.model, self.tokenizer, conversations, batch_size, self.max_length)
+        raw = raw_rewards(self.model, self.tokenizer, conversations, batch_size, self.max_length, padding_free)
         return [(r - self.mean) / self.std for r in raw]
 
     def preference_probability(self, score_a: float, score_b: float) -> float:

@@ -185,3 +185,39 @@ def test_a_model_that_lets_packed_sequences_see_each_other_trains_padded(pref_ws
     used = ArtifactStore(pref_ws).resolve("reward:latest").manifest["metrics"]["padding_free"]
     assert used["enabled"] is False
     assert used["reason"].startswith("LlamaModel let packed sequences see each other (hidden states off by")
+
+
+def test_scoring_runs_packed_with_the_shared_system_prompt_once_and_gives_the_padded_scores(tiny_ws, monkeypatch):
+    """`raw_rewards` (the reward stage's evaluation, `rlhf score`, PPO's and compare's reward
+    judge) packs its batches: conversations opening with the same system prompt run it once,
+    and in fp32 the scores are the padded run's."""
+    from conftest import DEMO_DATA
+    from rlhf import models, training
+    from rlhf.judges import raw_rewards
+
+    store = ArtifactStore(tiny_ws)
+    base = store.resolve("base:latest")
+    tokenizer = models.load_tokenizer(base)
+    model = models.load_sequence_classifier(store, base, pad_token_id=tokenizer.pad_token_id, seed=0)
+    lines = (DEMO_DATA / "support_prompts.jsonl").read_text().splitlines()[:6]
+    conversations = [json.loads(line)["prompt"] + [{"role": "assistant", "content": reply}]
+                     for line, reply in zip(lines, ["Yes.", "Sure, here is how.", "No", "We can help with that today.",
+                                                    "Thanks!", "Please send the order number."])]
+    assert all(c[0]["role"] == "system" and c[0]["content"] == conversations[0][0]["content"] for c in conversations)
+    calls = []
+    real = training._shared_prefixes
+    monkeypatch.setattr(training, "_shared_prefixes",
+                        lambda ids, starts, lengths: calls.append((lengths, real(ids, starts, lengths))) or calls[-1][1])
+    monkeypatch.setattr(models, "resolve_precision", lambda precision: "fp32")  # exact comparison
+    packed = raw_rewards(model, tokenizer, conversations, batch_size=4)
+    # The load check's own probe packs sequences of 8-24 tokens; the conversations are longer.
+    batches = [shared for lengths, shared in calls if min(lengths) > 24]
+    assert [len(shared) for shared in batches] == [4, 2], "each batch of the scoring must run packed"
+    # Every conversation after a batch's first runs without the system prompt it shares.
+    system = len(tokenizer(tokenizer.apply_chat_template(conversations[0][:1], tokenize=False),
+                           add_special_tokens=False)["input_ids"])
+    assert all(p >= system for shared in batches for _, p in shared[1:]), (system, batches)
+    padded = raw_rewards(model, tokenizer, conversations, batch_size=4, padding_free=False)
+    assert len([lengths for lengths, _ in calls if min(lengths) > 24]) == 2  # padded: nothing more packed
+    assert packed == pytest.approx(padded, rel=1e-4, abs=1e-5)
+    assert len(set(packed)) == 6  # distinct conversations, distinct scores: the check means something
