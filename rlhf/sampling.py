@@ -130,10 +130,10 @@ def pack_linear_weights(model) -> bool:
     against the whole weight, it is most of the call: one 576→1536 layer at 16 rows took 188
     against 116 µs in bf16 and 415 against 217 µs in fp32 (a 2-core AMD EPYC with
     AVX512-BF16). The packed layer runs the same bf16 kernel, so the sampled tokens are the
-    same bit for bit (fp32 differs by rounding, about 1e-7 of the output's scale).
+    same bit for bit (fp32 differs by rounding, about 1e-6 of the output's scale).
 
-    The weights stay as they are (the packed copies are extra memory, a bf16 copy of the
-    linear weights); after they change, call this again (`ppo/rollout.py: sync_sampler`).
+    The weights stay as they are, so the packed copies are extra memory, a second copy of the
+    linear weights; after the weights change, call this again (`ppo/rollout.py: sync_sampler`).
     Nothing is packed on a GPU, in a torch without oneDNN, in fp16, or where the packed
     layer would not give the plain layer's output.
     """
