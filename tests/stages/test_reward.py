@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import rlhf, write_marker_preferences
+from conftest import DEMO_DATA, rlhf, write_marker_preferences
 from rlhf.artifacts import ArtifactStore
 
 
@@ -191,7 +191,6 @@ def test_scoring_runs_packed_with_the_shared_system_prompt_once_and_gives_the_pa
     """`raw_rewards` (the reward stage's evaluation, `rlhf score`, PPO's and compare's reward
     judge) packs its batches: conversations opening with the same system prompt run it once,
     and in fp32 the scores are the padded run's."""
-    from conftest import DEMO_DATA
     from rlhf import models, training
     from rlhf.judges import raw_rewards
 
