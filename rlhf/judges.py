@@ -17,13 +17,14 @@ Messages = list[dict[str, str]]
 
 
 def raw_rewards(model, tokenizer, conversations: Sequence[Messages], batch_size: int = 16,
-                max_length: int = 1024, padding_free: bool = True) -> list[float]:
+                max_length: int = 1024, padding_free: bool | dict = True) -> list[float]:
     """The classifier's scalar output for each full conversation (prompt + response), unnormalised.
 
     Sequences are sorted by length so each batch pads little, and left-truncated to
     `max_length` so the response being judged is never the part cut off. With `padding_free`
     each batch runs packed, where the load check allows it (`training.packed_where_safe`): no
-    padding, and a system prompt the conversations share runs once.
+    padding, and a system prompt the conversations share runs once. A caller that scores
+    often passes the load check's decision instead of True, so the check runs once.
     """
     import torch
 
@@ -38,7 +39,7 @@ def raw_rewards(model, tokenizer, conversations: Sequence[Messages], batch_size:
     out = [0.0] * len(ids)
     device = device_of(model)
     model.eval()
-    with packed_where_safe(model, padding_free):
+    with packed_where_safe(model, bool(padding_free), padding_free if isinstance(padding_free, dict) else None):
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             # Right padding: the classifier reads the last non-pad token of each row.
@@ -76,12 +77,18 @@ class RewardModel:
         # fp32 weights under autocast, as when the reward stage fitted the normalisation.
         self.model = AutoModelForSequenceClassification.from_pretrained(self.artifact.path)
         self.model.to("cuda" if cuda_available() else "cpu")
+        self.padding_free: dict | None = None  # the load check's decision, at the first packed scoring
 
     def score(self, prompts: Sequence[Messages], responses: Sequence[str], batch_size: int = 16,
               padding_free: bool = True) -> list[float]:
         """Normalised reward of each `response` as the assistant's reply to the matching prompt."""
+        from rlhf.training import padding_free_decision
+
         conversations = [list(p) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
-        raw = raw_rewards(self.model, self.tokenizer, conversations, batch_size, self.max_length, padding_free)
+        if padding_free and self.padding_free is None:  # PPO scores every iteration: check the model once
+            self.padding_free = padding_free_decision(self.model, True)
+        raw = raw_rewards(self.model, self.tokenizer, conversations, batch_size, self.max_length,
+                          padding_free and self.padding_free)
         return [(r - self.mean) / self.std for r in raw]
 
     def preference_probability(self, score_a: float, score_b: float) -> float:

@@ -681,9 +681,10 @@ def _spans(attention_mask, position_ids) -> tuple[list[int], list[int]] | None:
 
 
 @contextmanager
-def packed_where_safe(model, enabled: bool) -> Iterator[dict[str, Any]]:
-    """`packed_backbone` for the block where `padding_free_decision` allows it; yields the decision."""
-    decision = padding_free_decision(model, enabled)
+def packed_where_safe(model, enabled: bool, decision: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """`packed_backbone` for the block where `padding_free_decision` allows it; yields the decision.
+    A caller that runs many blocks on one model passes the decision it made once."""
+    decision = decision if enabled and decision else padding_free_decision(model, enabled)
     with packed_backbone(model, decision.get("attention") == "by sequence") if decision["enabled"] else nullcontext():
         yield decision
 

@@ -70,11 +70,18 @@ def test_reward_model_learns_the_marker_and_reports_held_out_metrics(pref_ws, tm
     assert {i["role"] for i in art.manifest["inputs"]} == {"model", "data", "eval_data"}
 
 
-def test_score_normalises_so_training_responses_average_zero_and_marker_scores_higher(pref_ws):
+def test_score_normalises_so_training_responses_average_zero_and_marker_scores_higher(pref_ws, monkeypatch):
+    from rlhf import training
+
     assert rlhf(pref_ws, "reward", "model=base:latest", "train.max_steps=60", "train.learning_rate=3e-3",
                 "train.eval_fraction=0.2", "max_length=256", "bootstrap_samples=200",
                 "normalization_samples=400") == 0
+    checks = []
+    real = training.padding_free_decision
+    monkeypatch.setattr(training, "padding_free_decision", lambda *a: checks.append(real(*a)) or checks[-1])
     assert rlhf(pref_ws, "score", "reward=reward:latest", "data=preferences:latest") == 0
+    # Two scorings (chosen, rejected) packed, on one load check of the reward model.
+    assert [c["enabled"] for c in checks] == [True]
     store = ArtifactStore(pref_ws)
     scored = store.resolve("datasets/preferences:latest")
     assert scored.version == 2 and {i["role"] for i in scored.manifest["inputs"]} == {"data", "reward"}
@@ -218,5 +225,10 @@ def test_scoring_runs_packed_with_the_shared_system_prompt_once_and_gives_the_pa
     assert all(p >= system for shared in batches for _, p in shared[1:]), (system, batches)
     padded = raw_rewards(model, tokenizer, conversations, batch_size=4, padding_free=False)
     assert len([lengths for lengths, _ in calls if min(lengths) > 24]) == 2  # padded: nothing more packed
+    # Given the load check's decision, it packs without checking again.
+    probes = len(calls)
+    again = raw_rewards(model, tokenizer, conversations, batch_size=4,
+                        padding_free=training.padding_free_decision(model, True))
+    assert len(calls) == probes + 1 + 2 and again == packed  # one check here, then the two batches
     assert packed == pytest.approx(padded, rel=1e-4, abs=1e-5)
     assert len(set(packed)) == 6  # distinct conversations, distinct scores: the check means something
