@@ -205,8 +205,9 @@ def evaluate(model, tokenizer, split, cfg: RewardConfig, eval_set: tuple[Artifac
     import numpy as np
 
     test, train = list(split["test"]), list(split["train"])
+    packing = training.padding_free_decision(model, cfg.padding_free)  # once, for every scoring below
     score = lambda convs: torch.tensor(raw_rewards(model, tokenizer, convs, cfg.train.batch_size, cfg.max_length,
-                                                   cfg.padding_free))
+                                                   packing))
     r_c, r_r = score(_conversations(test, "chosen")), score(_conversations(test, "rejected"))
     margins = r_c - r_r
     correct = (margins > 0).float().numpy()

@@ -73,12 +73,15 @@ def test_reward_model_learns_the_marker_and_reports_held_out_metrics(pref_ws, tm
 def test_score_normalises_so_training_responses_average_zero_and_marker_scores_higher(pref_ws, monkeypatch):
     from rlhf import training
 
-    assert rlhf(pref_ws, "reward", "model=base:latest", "train.max_steps=60", "train.learning_rate=3e-3",
-                "train.eval_fraction=0.2", "max_length=256", "bootstrap_samples=200",
-                "normalization_samples=400") == 0
     checks = []
     real = training.padding_free_decision
     monkeypatch.setattr(training, "padding_free_decision", lambda *a: checks.append(real(*a)) or checks[-1])
+    assert rlhf(pref_ws, "reward", "model=base:latest", "train.max_steps=60", "train.learning_rate=3e-3",
+                "train.eval_fraction=0.2", "max_length=256", "bootstrap_samples=200",
+                "normalization_samples=400") == 0
+    # One load check for training, one for all of the evaluation's scorings.
+    assert [c["enabled"] for c in checks] == [True, True]
+    checks.clear()
     assert rlhf(pref_ws, "score", "reward=reward:latest", "data=preferences:latest") == 0
     # Two scorings (chosen, rejected) packed, on one load check of the reward model.
     assert [c["enabled"] for c in checks] == [True]
