@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.artifacts import ArtifactStore
+from rlhf.training import peak_memory_mb
 
 # TRL's own LoRA defaults (`trl.ModelConfig`): its scripts train with a 0.05 adapter dropout.
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
@@ -129,6 +130,8 @@ def reward(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]:
                                                     "truncation=drop"]), store)
         m = art.manifest["metrics"]
         tokens, wall = m["train_tokens"], m["wall_s"]
+        # The stage's peak, before the dev check loads the published model again (about 0.6 GB here).
+        peak = peak_memory_mb()
         model = AutoModelForSequenceClassification.from_pretrained(art.path)
     else:
         import trl
@@ -136,13 +139,14 @@ def reward(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]:
         trainer = _preference_trainer(trl.RewardTrainer, trl.RewardConfig, store, budget, "SEQ_CLS",
                                       models.load_sequence_classifier(store, base, pad_token_id=tokenizer.pad_token_id))
         wall, tokens = _timed_train(trainer)
-        model = trainer.model.merge_and_unload()
+        peak = peak_memory_mb()
+        model = trainer.model.merge_and_unload()  # in place: the dev check scores the model it trained
     dev = load_rows(store.resolve("prefs-dev:latest"))[:budget["dev_limit"]]
     chosen = raw_rewards(model, tokenizer, [r["prompt"] + r["chosen"] for r in dev], 16, budget["max_length"])
     rejected = raw_rewards(model, tokenizer, [r["prompt"] + r["rejected"] for r in dev], 16, budget["max_length"])
     accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(dev)
     return {"tokens": tokens, "wall_s": wall, "metric": accuracy, "metric_name": f"dev accuracy ({len(dev)} pairs)",
-            "flops": 4 * matmul_params(model) * tokens}
+            "flops": 4 * matmul_params(model) * tokens, "peak_mem_mb": peak}
 
 
 def _preference_trainer(trainer_cls, config_cls, store: ArtifactStore, budget: dict, task_type: str, model):
@@ -311,12 +315,10 @@ STAGES = {"sft": sft, "reward": reward, "dpo": dpo, "ppo_rollout": ppo_rollout, 
 
 
 def main(argv: list[str]) -> None:
-    from rlhf.training import peak_memory_mb
-
     stage, side, workspace, budget, result = argv
     r = STAGES[stage](side, ArtifactStore(Path(workspace)), json.loads(budget))
     r["tokens_per_s"] = r["tokens"] / r["wall_s"]
-    r["peak_mem_mb"] = peak_memory_mb()
+    r.setdefault("peak_mem_mb", peak_memory_mb())  # a stage may take its peak before work that is not its own
     Path(result).write_text(json.dumps(r))
 
 
