@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -254,8 +255,8 @@ def ppo_update(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]:
     """PPO's optimisation phase on one fixed rollout batch: `ppo.update_epochs` passes of minibatches.
 
     Both sides sample the same batch through the policy. The suite projects only the response
-    positions to the vocabulary (`logits_to_keep`) and runs the rollout padding-free, as `rlhf ppo`
-    does at its defaults; the baseline, like a plain `model(...).logits`, projects every position,
+    positions to the vocabulary (`logits_to_keep`), runs the rollout padding-free and its LoRA
+    layers fused (`training.fused_lora_on_cpu`), as `rlhf ppo` does at its defaults; the baseline, like a plain `model(...).logits`, projects every position,
     the prompt's included, of the padded batch.
     """
     import torch
@@ -290,7 +291,8 @@ def ppo_update(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]:
     # A fixed synthetic score (response length), so both sides optimise the same objective.
     score = rollout.response_mask.sum(dim=1) / budget["max_new_tokens"]
     model = ppo_train.ActorCritic(policy, nn.Linear(policy.config.hidden_size, 1), 0.7)
-    with training.packed_where_safe(policy, side == "suite" and cfg.padding_free):
+    with training.packed_where_safe(policy, side == "suite" and cfg.padding_free), \
+            training.fused_lora_on_cpu(policy) if side == "suite" else nullcontext():
         with torch.no_grad(), accelerator.autocast():
             out = model(rollout)
             with policy.disable_adapter():

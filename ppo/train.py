@@ -178,7 +178,8 @@ def train(cfg: PPOConfig, store: ArtifactStore, score_fn: RewardFn, reward_artif
     inputs = inputs or check(cfg, store, with_reward=False)
     run = setup(cfg, store, inputs, [reward_artifact] if reward_artifact else [], reward_head)
     # Steps 4 and 7 and the evaluation's KL read whole rollouts; sampling (with its KV cache) runs as it comes.
-    with training.packed_where_safe(run.unwrapped.policy, cfg.padding_free) as run.padding_free:
+    with training.packed_where_safe(run.unwrapped.policy, cfg.padding_free) as run.padding_free, \
+            training.fused_lora_on_cpu(run.unwrapped.policy):
         fit(run, score_fn)
     return publish(run, store, reward_artifact)
 

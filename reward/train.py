@@ -126,7 +126,8 @@ def main(cfg: RewardConfig, store: ArtifactStore) -> Artifact | None:
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_split,
                                processing_class=tokenizer, peft_config=peft_config, center_coef=cfg.center_coef,
                                callbacks=training.callbacks(cfg.train))
-    with training.packed_where_safe(trainer.model, cfg.padding_free) as packing:
+    with training.fused_lora_on_cpu(trainer.model, keep_weights=not args.gradient_checkpointing), \
+            training.packed_where_safe(trainer.model, cfg.padding_free) as packing:
         run = training.train_resumable(trainer, scratch)
 
     trainer.accelerator.wait_for_everyone()

@@ -5,6 +5,7 @@ Kept out of the stages so that `sft`, `reward` and `dpo` resume, measure and log
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -408,6 +409,101 @@ def fast_lm_head_on_cpu() -> Iterator[None]:
         yield
     finally:
         chunked_logprob._addmm_fp32, trl_utils._use_triton = saved
+
+
+@functools.cache
+def _lora_linear():
+    """The autograd function of `fused_lora_on_cpu`, made on first use (torch loads lazily here)."""
+    import torch
+
+    class LoRALinear(torch.autograd.Function):
+        """y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ in the compute dtype of `weight` (a copy of the frozen base weight).
+
+        x: (tokens, in); weight: (out, in); lora_a: (r, in); lora_b: (out, r). Returns (tokens, out) in
+        the compute dtype, as autocast gives. The frozen weight and bias get no gradient."""
+
+        @staticmethod
+        def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
+            dtype = weight.dtype
+            xc, a, b = x.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+            h = xc @ a.t()
+            y = xc @ weight.t() if bias is None else torch.addmm(bias.to(dtype), xc, weight.t())
+            y = torch.addmm(y, h, b.t(), alpha=scaling)
+            ctx.save_for_backward(xc, weight, a, b, h)
+            ctx.scaling, ctx.dtypes = scaling, (x.dtype, lora_a.dtype, lora_b.dtype)
+            return y
+
+        @staticmethod
+        def backward(ctx, grad_y):
+            xc, weight, a, b, h = ctx.saved_tensors
+            (s, (x_dtype, a_dtype, b_dtype)), grad_y = (ctx.scaling, ctx.dtypes), grad_y.to(weight.dtype)
+            t = grad_y @ b  # (tokens, r)
+            grad_x = torch.addmm(grad_y @ weight, t, a, alpha=s).to(x_dtype) if ctx.needs_input_grad[0] else None
+            # The adapter's gradients summed in the compute dtype, scaled in fp32, as autocast's would be.
+            grad_a = (t.t() @ xc).float().mul_(s).to(a_dtype)
+            grad_b = (grad_y.t() @ h).float().mul_(s).to(b_dtype)
+            return grad_x, None, None, grad_a, grad_b, None
+
+    return LoRALinear
+
+
+@contextmanager
+def fused_lora_on_cpu(model, keep_weights: bool = True) -> Iterator[int]:
+    """Run each LoRA linear layer of `model` as one autograd function on a CPU under bf16 autocast,
+    for the block; yields how many layers take it.
+
+    peft computes base(x) + B(A(x))·s as separate operations, and under autocast each one casts: x to
+    bf16 for the base and again for A, and the frozen fp32 weight to bf16 at every forward (autocast
+    keeps its cast only of weights that train), then a multiply and an add over the output. Here x is
+    cast once, the frozen weight's bf16 copy is made once for the block with `keep_weights` (pass
+    False where the model recomputes its activations, as memory is short there: then once per
+    forward, as autocast does), the adapter's product is added
+    by the same addmm, and the backward computes the three gradients in four matmuls. The same
+    matmuls in the same dtype: the sum rounds once where peft's rounds twice
+    (`tests/stages/test_training_inputs.py`). Measured with the bench (README, Performance).
+
+    A layer runs peft's own forward where its adapter is off or merged (a reference pass), for a
+    DoRA or other variant, with adapter dropout, more than one active adapter, extra arguments,
+    autocast off (fp32 training) or to another dtype, and on any device but the CPU.
+    """
+    import torch
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    layers = [m for m in model.modules()
+              if isinstance(m, LoraLinear) and type(m.base_layer) is torch.nn.Linear and "forward" not in m.__dict__
+              and not m.base_layer.weight.requires_grad and m.base_layer.weight.device.type == "cpu"
+              and not m.lora_variant and all(isinstance(d, torch.nn.Identity) for d in m.lora_dropout.values())]
+    copies: dict[int, tuple[tuple[int, torch.dtype], torch.Tensor]] = {}
+    function = _lora_linear()
+
+    def fused(layer):
+        def forward(x, *args, **kwargs):
+            active = layer.active_adapters
+            if (args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1
+                    or active[0] not in layer.lora_A or x.device.type != "cpu"
+                    or not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16):
+                return type(layer).forward(layer, x, *args, **kwargs)
+            weight = layer.base_layer.weight
+            key = (weight._version, torch.bfloat16)  # a weight changed in place (a merge) is copied again
+            cached = copies.get(id(layer))
+            if cached is None or cached[0] != key:
+                cached = key, weight.detach().to(torch.bfloat16)
+                if keep_weights:
+                    copies[id(layer)] = cached
+            name = active[0]
+            y = function.apply(x.reshape(-1, x.shape[-1]), cached[1], layer.base_layer.bias,
+                               layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        return forward
+
+    for layer in layers:
+        layer.forward = fused(layer)
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            del layer.forward  # the class's own forward again
+        copies.clear()
 
 
 def first_fit_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
@@ -942,7 +1038,8 @@ def fit(trainer, scratch: Path, train: TrainConfig, padding_free: bool = False) 
     None on every process but the main one, which alone publishes under `accelerate launch`.
     """
     distinct_event_files(trainer)
-    with fast_lm_head_on_cpu(), packed_where_safe(trainer.model, padding_free) as packing:
+    with fast_lm_head_on_cpu(), fused_lora_on_cpu(trainer.model, keep_weights=not trainer.args.gradient_checkpointing), \
+            packed_where_safe(trainer.model, padding_free) as packing:
         initial = trainer.evaluate()
         run = train_resumable(trainer, scratch)
         stop = stop_metrics(trainer, train)  # before the final evaluation, which is not a patience step

@@ -399,3 +399,57 @@ def test_each_trl_stage_trains_padding_free_as_it_trains_padded(stage, ws, reque
     # TRL's own padding_free is the suite's key.
     assert rlhf(ws, stage, *extra, "trl.padding_free=true") == 2
     assert "set padding_free=... instead" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["llama", *sorted(TINY_ARCHS)])
+def test_fused_lora_layers_train_as_peft_does_to_bf16_rounding_and_step_aside_where_they_must(arch, monkeypatch):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    model = get_peft_model(_tiny_decoder(arch), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                           target_modules="all-linear"))
+    adapted = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    with torch.no_grad():  # a trained adapter, so its product counts, and biases that count (Qwen2, GPT-NeoX)
+        for m in adapted:
+            m.lora_B["default"].weight.normal_(0, 0.1)
+            if m.base_layer.bias is not None:
+                m.base_layer.bias.normal_(0, 0.1)
+    ids = torch.randint(1, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = training._lora_linear()
+
+    class Counted(real):
+        @staticmethod
+        def forward(ctx, *args):
+            calls.append(1)
+            return real.forward(ctx, *args)
+
+    monkeypatch.setattr(training, "_lora_linear", lambda: Counted)
+
+    def loss_and_grads(net, autocast=True):
+        net.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = net(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach().double(), torch.cat([p.grad.double().flatten() for p in net.parameters() if p.requires_grad])
+
+    exact = loss_and_grads(copy.deepcopy(model).double(), autocast=False)
+    error = lambda got: (float((got[0] - exact[0]).abs()), float((got[1] - exact[1]).norm() / exact[1].norm()))
+    peft_error = error(loss_and_grads(model))
+    with training.fused_lora_on_cpu(model) as n:
+        fused_error = error(loss_and_grads(model))
+        assert n == len(adapted) and len(calls) == len(adapted)  # every adapted layer, once per forward
+        # Off the fused path: the reference pass (adapter off) and fp32 run peft's own forward, bit for bit.
+        with torch.no_grad(), model.disable_adapter(), torch.autocast("cpu", dtype=torch.bfloat16):
+            reference = model(input_ids=ids).logits
+        fp32 = loss_and_grads(model, autocast=False)
+        assert len(calls) == len(adapted)
+    assert not any("forward" in m.__dict__ for m in adapted)  # peft's forward again after the block
+    with torch.no_grad(), model.disable_adapter(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(reference, model(input_ids=ids).logits)
+    assert all(torch.equal(a, b) for a, b in zip(fp32, loss_and_grads(model, autocast=False)))
+    # The same bf16 matmuls: as close to the float64 loss and gradients as peft's own (a wrong scale,
+    # transpose or missing bias would be off by the adapter's whole contribution).
+    assert fused_error[0] <= max(2 * peft_error[0], 2e-3) and fused_error[1] <= max(1.5 * peft_error[1], 2e-2)
