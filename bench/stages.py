@@ -255,9 +255,10 @@ def ppo_update(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]:
     """PPO's optimisation phase on one fixed rollout batch: `ppo.update_epochs` passes of minibatches.
 
     Both sides sample the same batch through the policy. The suite projects only the response
-    positions to the vocabulary (`logits_to_keep`), runs the rollout padding-free and its LoRA
-    layers fused (`training.fused_lora_on_cpu`), as `rlhf ppo` does at its defaults; the baseline, like a plain `model(...).logits`, projects every position,
-    the prompt's included, of the padded batch.
+    positions to the vocabulary (`logits_to_keep`), runs the rollout padding-free and each LoRA
+    layer as one function (`training.fused_lora_on_cpu`), as `rlhf ppo` does at its defaults; the
+    baseline, like a plain `model(...).logits`, projects every position, the prompt's included, of
+    the padded batch.
     """
     import torch
     from accelerate import Accelerator

@@ -457,10 +457,10 @@ def fused_lora_on_cpu(model, keep_weights: bool = True) -> Iterator[int]:
     keeps its cast only of weights that train), then a multiply and an add over the output. Here x is
     cast once, the frozen weight's bf16 copy is made once for the block with `keep_weights` (pass
     False where the model recomputes its activations, as memory is short there: then once per
-    forward, as autocast does), the adapter's product is added
-    by the same addmm, and the backward computes the three gradients in four matmuls. The same
-    matmuls in the same dtype: the sum rounds once where peft's rounds twice
-    (`tests/stages/test_training_inputs.py`). Measured with the bench (README, Performance).
+    forward, as autocast does), the adapter's product is added by the same addmm, and the backward
+    computes the input's and the adapter's gradients in five matmuls. The same matmuls in the same
+    dtype: the sum rounds once where peft's rounds twice (`tests/stages/test_training_inputs.py`).
+    Measured with the bench (README, Performance).
 
     A layer runs peft's own forward where its adapter is off or merged (a reference pass), for a
     DoRA or other variant, with adapter dropout, more than one active adapter, extra arguments,
