@@ -473,25 +473,26 @@ def fused_lora_on_cpu(model, keep_weights: bool = True) -> Iterator[int]:
               if isinstance(m, LoraLinear) and type(m.base_layer) is torch.nn.Linear and "forward" not in m.__dict__
               and not m.base_layer.weight.requires_grad and m.base_layer.weight.device.type == "cpu"
               and not m.lora_variant and all(isinstance(d, torch.nn.Identity) for d in m.lora_dropout.values())]
-    copies: dict[int, tuple[tuple[int, torch.dtype], torch.Tensor]] = {}
     function = _lora_linear()
 
     def fused(layer):
+        kept: tuple[int, torch.Tensor] | None = None  # (the weight's version, its bf16 copy), with keep_weights
+
         def forward(x, *args, **kwargs):
+            nonlocal kept
             active = layer.active_adapters
             if (args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1
                     or active[0] not in layer.lora_A or x.device.type != "cpu"
                     or not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16):
                 return type(layer).forward(layer, x, *args, **kwargs)
             weight = layer.base_layer.weight
-            key = (weight._version, torch.bfloat16)  # a weight changed in place (a merge) is copied again
-            cached = copies.get(id(layer))
-            if cached is None or cached[0] != key:
-                cached = key, weight.detach().to(torch.bfloat16)
-                if keep_weights:
-                    copies[id(layer)] = cached
+            if kept is not None and kept[0] == weight._version:  # a weight changed in place (a merge) is copied again
+                copy = kept[1]
+            else:
+                copy = weight.detach().to(torch.bfloat16)
+                kept = (weight._version, copy) if keep_weights else None
             name = active[0]
-            y = function.apply(x.reshape(-1, x.shape[-1]), cached[1], layer.base_layer.bias,
+            y = function.apply(x.reshape(-1, x.shape[-1]), copy, layer.base_layer.bias,
                                layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])
             return y.reshape(*x.shape[:-1], y.shape[-1])
         return forward
@@ -502,8 +503,7 @@ def fused_lora_on_cpu(model, keep_weights: bool = True) -> Iterator[int]:
         yield len(layers)
     finally:
         for layer in layers:
-            del layer.forward  # the class's own forward again
-        copies.clear()
+            del layer.forward  # the class's own forward again, and its kept copy goes with this one
 
 
 def first_fit_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:

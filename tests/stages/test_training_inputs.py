@@ -439,7 +439,8 @@ def test_fused_lora_layers_train_as_peft_does_to_bf16_rounding_and_step_aside_wh
     error = lambda got: (float((got[0] - exact[0]).abs()), float((got[1] - exact[1]).norm() / exact[1].norm()))
     peft_error = error(loss_and_grads(model))
     with training.fused_lora_on_cpu(model) as n:
-        fused_error = error(loss_and_grads(model))
+        fused = loss_and_grads(model)
+        fused_error = error(fused)
         assert n == len(adapted) and len(calls) == len(adapted)  # every adapted layer, once per forward
         # Off the fused path: the reference pass (adapter off) and fp32 run peft's own forward, bit for bit.
         with torch.no_grad(), model.disable_adapter(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -450,6 +451,8 @@ def test_fused_lora_layers_train_as_peft_does_to_bf16_rounding_and_step_aside_wh
     with torch.no_grad(), model.disable_adapter(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(reference, model(input_ids=ids).logits)
     assert all(torch.equal(a, b) for a, b in zip(fp32, loss_and_grads(model, autocast=False)))
+    with training.fused_lora_on_cpu(model, keep_weights=False):  # a copy per forward computes the same
+        assert all(torch.equal(a, b) for a, b in zip(fused, loss_and_grads(model)))
     # The same bf16 matmuls: as close to the float64 loss and gradients as peft's own (a wrong scale,
     # transpose or missing bias would be off by the adapter's whole contribution).
     assert fused_error[0] <= max(2 * peft_error[0], 2e-3) and fused_error[1] <= max(1.5 * peft_error[1], 2e-2)
