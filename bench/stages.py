@@ -255,10 +255,11 @@ def ppo_update(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]:
     """PPO's optimisation phase on one fixed rollout batch: `ppo.update_epochs` passes of minibatches.
 
     Both sides sample the same batch through the policy. The suite projects only the response
-    positions to the vocabulary (`logits_to_keep`), runs the rollout padding-free and each LoRA
-    layer as one function (`training.fused_lora_on_cpu`), as `rlhf ppo` does at its defaults; the
-    baseline, like a plain `model(...).logits`, projects every position, the prompt's included, of
-    the padded batch.
+    positions to the vocabulary (`logits_to_keep`), runs the rollout padding-free, each LoRA layer
+    as one function and the LM head from a kept bf16 copy (`training.fused_lora_on_cpu`), and takes
+    log-probs by `sampling.TokenLogprobs`, as `rlhf ppo` does at its defaults; the baseline, like a
+    plain `model(...).logits`, projects every position, the prompt's included, of the padded batch,
+    and takes log-probs by autograd through log-softmax.
     """
     import torch
     from accelerate import Accelerator
@@ -266,9 +267,9 @@ def ppo_update(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]:
 
     from ppo import core
     from ppo import train as ppo_train
-    from rlhf import models, training
-    from rlhf.sampling import forward_response, sample
+    from rlhf import models, sampling, training
     from rlhf.config import PPOConfig, load_config
+    from rlhf.sampling import forward_response, sample
 
     tokenizer, policy, _, ids, mask, n = _ppo_setup(store, budget, with_sampler=False)
     cfg = load_config(PPOConfig, None, [f"train.batch_size={len(ids)}", f"ppo.minibatch_size={budget['batch_size']}",
@@ -283,12 +284,14 @@ def ppo_update(side: str, store: ArtifactStore, budget: dict) -> dict[str, Any]:
     if side == "baseline":
         forward = policy.forward
 
-        def plain_forward(*args, logits_to_keep: int = 0, **kwargs):
+        def plain_forward(*args, logits_to_keep, **kwargs):
             out = forward(*args, **kwargs)  # every position projected to the vocabulary
-            out.logits = out.logits[:, -logits_to_keep:]
+            out.logits = out.logits[:, logits_to_keep]
             return out
 
         policy.forward = plain_forward
+        # Log-probs by plain autograd: log-softmax of the fp32 logits over the temperature, gathered.
+        sampling.token_logprobs = lambda logits, labels, t: sampling.logprobs_from_logits(logits.float() / t, labels)
     # A fixed synthetic score (response length), so both sides optimise the same objective.
     score = rollout.response_mask.sum(dim=1) / budget["max_new_tokens"]
     model = ppo_train.ActorCritic(policy, nn.Linear(policy.config.hidden_size, 1), 0.7)

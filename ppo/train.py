@@ -55,11 +55,14 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.policy, self.value_head, self.temperature = policy, value_head, temperature
 
-    def forward(self, rollout: Rollout) -> dict[str, torch.Tensor]:
-        """Log-probs and logits of the response tokens, and the value of each, read from the
-        hidden state that predicts the token."""
+    def forward(self, rollout: Rollout, with_logits: bool = False) -> dict[str, torch.Tensor]:
+        """Log-probs of the response tokens, and the value of each, read from the hidden state that
+        predicts the token; with `with_logits`, their logits too (the update has no use for them,
+        and accelerate would cast them to fp32 on the way out of a mixed-precision model)."""
         out = forward_response(self.policy, rollout, self.temperature, with_hidden=True)
         out["values"] = self.value_head(out.pop("hidden").to(self.value_head.weight.dtype)).squeeze(-1).float()
+        if not with_logits:
+            del out["logits"]
         return out
 
 
@@ -285,11 +288,11 @@ def fit(run: Run, score_fn: RewardFn) -> None:
 
         # 4. Log-probs of the sampled tokens under the policy and the reference (adapter off), and values.
         with torch.no_grad(), accelerator.autocast():
-            out = unwrapped(rollout)
+            out = unwrapped(rollout, with_logits=True)
             with unwrapped.policy.disable_adapter():
                 ref_logprobs = forward_response(unwrapped.policy, rollout, hp.temperature)["logprobs"]
         old_logprobs, old_values = out["logprobs"], out["values"] * mask
-        entropy = core.entropy_from_logits(out.pop("logits"), mask)
+        entropy = core.entropy_from_logits(out.pop("logits").float() / hp.temperature, mask)
 
         # 5. Per-token KL penalty, score added at the last real token.
         rewards, kl = core.kl_penalized_rewards(score, old_logprobs, ref_logprobs, mask, run.kl_ctl.value)

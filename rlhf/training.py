@@ -465,6 +465,10 @@ def fused_lora_on_cpu(model, keep_weights: bool = True) -> Iterator[int]:
     A layer runs peft's own forward where its adapter is off or merged (a reference pass), for a
     DoRA or other variant, with adapter dropout, more than one active adapter, extra arguments,
     autocast off (fp32 training) or to another dtype, and on any device but the CPU.
+
+    A frozen LM head (`get_output_embeddings`, a plain linear) runs from a kept bf16 copy of its
+    weight in the same way, bit for bit what autocast computes: PPO projects to the vocabulary in
+    every forward, and autocast would cast the 49k x 576 weight each time.
     """
     import torch
     from peft.tuners.lora.layer import Linear as LoraLinear
@@ -473,36 +477,61 @@ def fused_lora_on_cpu(model, keep_weights: bool = True) -> Iterator[int]:
               if isinstance(m, LoraLinear) and type(m.base_layer) is torch.nn.Linear and "forward" not in m.__dict__
               and not m.base_layer.weight.requires_grad and m.base_layer.weight.device.type == "cpu"
               and not m.lora_variant and all(isinstance(d, torch.nn.Identity) for d in m.lora_dropout.values())]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not (type(head) is torch.nn.Linear and not head.weight.requires_grad and head.weight.device.type == "cpu"
+            and "forward" not in head.__dict__):
+        head = None
     function = _lora_linear()
 
+    def bf16_autocast_on_cpu(x) -> bool:
+        return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+    def bf16_copy():
+        """A frozen weight's bf16 copy: made once for the block with `keep_weights`, else at every call."""
+        kept: tuple[int, torch.Tensor] | None = None  # (the weight's version, its bf16 copy)
+
+        def of(weight):
+            nonlocal kept
+            if kept is not None and kept[0] == weight._version:  # a weight changed in place (a merge) is copied again
+                return kept[1]
+            copy = weight.detach().to(torch.bfloat16)
+            kept = (weight._version, copy) if keep_weights else None
+            return copy
+        return of
+
     def fused(layer):
-        kept: tuple[int, torch.Tensor] | None = None  # (the weight's version, its bf16 copy), with keep_weights
+        copy_of = bf16_copy()
 
         def forward(x, *args, **kwargs):
-            nonlocal kept
             active = layer.active_adapters
             if (args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1
-                    or active[0] not in layer.lora_A or x.device.type != "cpu"
-                    or not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16):
+                    or active[0] not in layer.lora_A or not bf16_autocast_on_cpu(x)):
                 return type(layer).forward(layer, x, *args, **kwargs)
-            weight = layer.base_layer.weight
-            if kept is not None and kept[0] == weight._version:  # a weight changed in place (a merge) is copied again
-                copy = kept[1]
-            else:
-                copy = weight.detach().to(torch.bfloat16)
-                kept = (weight._version, copy) if keep_weights else None
             name = active[0]
-            y = function.apply(x.reshape(-1, x.shape[-1]), copy, layer.base_layer.bias,
+            y = function.apply(x.reshape(-1, x.shape[-1]), copy_of(layer.base_layer.weight), layer.base_layer.bias,
                                layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])
             return y.reshape(*x.shape[:-1], y.shape[-1])
         return forward
 
-    for layer in layers:
-        layer.forward = fused(layer)
+    def frozen_head(layer):
+        """The frozen LM head as autocast runs it, but from a kept bf16 copy of its (vocabulary-sized) weight."""
+        copy_of = bf16_copy()
+
+        def forward(x):
+            if not bf16_autocast_on_cpu(x):
+                return type(layer).forward(layer, x)
+            bias = None if layer.bias is None else layer.bias.to(torch.bfloat16)
+            return torch.nn.functional.linear(x.to(torch.bfloat16), copy_of(layer.weight), bias)
+        return forward
+
+    patched = [(layer, fused(layer)) for layer in layers] + ([(head, frozen_head(head))] if head is not None else [])
+    for layer, forward in patched:
+        layer.forward = forward
     try:
         yield len(layers)
     finally:
-        for layer in layers:
+        for layer, _ in patched:
             del layer.forward  # the class's own forward again, and its kept copy goes with this one
 
 
@@ -718,7 +747,7 @@ def packed_backbone(model, by_sequence: bool = True) -> Iterator[None]:
         finally:
             _packed_forward = False
         out["last_hidden_state"] = out.last_hidden_state.flatten(0, 1)[source]
-        if out.get("hidden_states") is not None:  # output_hidden_states: PPO's value head reads the last
+        if out.get("hidden_states") is not None:  # output_hidden_states: every layer's, in the padded layout too
             out["hidden_states"] = tuple(h.flatten(0, 1)[source] for h in out.hidden_states)
         return out
 

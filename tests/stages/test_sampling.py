@@ -116,6 +116,39 @@ def test_a_rollout_packed_gives_the_logprobs_and_hidden_states_it_gives_padded(t
     assert torch.allclose(packed["hidden"][keep], padded["hidden"][keep], rtol=1e-4, atol=1e-5)
 
 
+def test_the_response_forward_reads_the_logits_and_last_hidden_state_of_the_positions_before_each_token(tiny):
+    """forward_response projects only the R positions that predict the response, and takes the value
+    head's input at the LM head: the same tensors as a full forward with every hidden state, sliced;
+    also where the model projects every position anyway (the bench's plain baseline)."""
+    model, tokenizer = tiny
+    ids, mask, _ = sampling.encode_prompts(tokenizer, prompts(3), 256)
+    torch.manual_seed(0)
+    rollout = sampling.sample(model, tokenizer, ids, mask, max_new_tokens=5, temperature=1.0)
+    R = rollout.response_ids.shape[1]
+    with torch.no_grad():
+        attn = rollout.attention_mask
+        full = model(input_ids=rollout.input_ids, attention_mask=attn, position_ids=sampling.position_ids(attn),
+                     output_hidden_states=True)
+        got = sampling.forward_response(model, rollout, 0.7, with_hidden=True)
+        forward = model.forward
+
+        def every_position(*args, logits_to_keep, **kwargs):  # as the bench's baseline: all projected, then kept
+            out = forward(*args, **kwargs)
+            out.logits = out.logits[:, logits_to_keep]
+            return out
+
+        model.forward = every_position
+        try:
+            every = sampling.forward_response(model, rollout, 0.7, with_hidden=True)
+        finally:
+            del model.forward
+    logits, hidden = full.logits[:, -R - 1:-1], full.hidden_states[-1][:, -R - 1:-1]
+    assert torch.allclose(got["logits"], logits, atol=1e-5) and torch.equal(got["hidden"], hidden)
+    assert torch.equal(every["hidden"], hidden) and "hidden" not in sampling.forward_response(model, rollout)
+    expected = (logits / 0.7).log_softmax(-1).gather(-1, rollout.response_ids[..., None]).squeeze(-1)
+    assert torch.allclose(got["logprobs"], expected, atol=1e-5)
+
+
 def test_only_one_run_of_tokens_per_row_counted_from_zero_is_packed():
     left, right = torch.tensor([[0, 1, 1], [1, 1, 1]]), torch.tensor([[1, 1, 0], [1, 0, 0]])
     assert training._spans(left, None) == ([1, 0], [2, 3])
@@ -141,7 +174,8 @@ class OnMeta(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep, **_):
         self._check(input_ids, attention_mask, position_ids)
-        logits = torch.empty(*input_ids.shape[:1], logits_to_keep, len(self.weight), device="meta")
+        kept = len(logits_to_keep) if isinstance(logits_to_keep, torch.Tensor) else logits_to_keep  # positions or a count
+        logits = torch.empty(*input_ids.shape[:1], kept, len(self.weight), device="meta")
         return type("Out", (), {"logits": logits})()
 
 

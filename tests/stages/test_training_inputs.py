@@ -438,16 +438,18 @@ def test_fused_lora_layers_train_as_peft_does_to_bf16_rounding_and_step_aside_wh
     exact = loss_and_grads(copy.deepcopy(model).double(), autocast=False)
     error = lambda got: (float((got[0] - exact[0]).abs()), float((got[1] - exact[1]).norm() / exact[1].norm()))
     peft_error = error(loss_and_grads(model))
+    head = model.get_output_embeddings()
     with training.fused_lora_on_cpu(model) as n:
         fused = loss_and_grads(model)
         fused_error = error(fused)
         assert n == len(adapted) and len(calls) == len(adapted)  # every adapted layer, once per forward
+        assert "forward" in head.__dict__  # the frozen LM head from its kept bf16 copy (the logits below)
         # Off the fused path: the reference pass (adapter off) and fp32 run peft's own forward, bit for bit.
         with torch.no_grad(), model.disable_adapter(), torch.autocast("cpu", dtype=torch.bfloat16):
             reference = model(input_ids=ids).logits
         fp32 = loss_and_grads(model, autocast=False)
         assert len(calls) == len(adapted)
-    assert not any("forward" in m.__dict__ for m in adapted)  # peft's forward again after the block
+    assert not any("forward" in m.__dict__ for m in [*adapted, head])  # their own forwards again after the block
     with torch.no_grad(), model.disable_adapter(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(reference, model(input_ids=ids).logits)
     assert all(torch.equal(a, b) for a, b in zip(fp32, loss_and_grads(model, autocast=False)))

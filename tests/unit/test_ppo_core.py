@@ -303,6 +303,29 @@ def test_logprobs_from_logits_gathers_log_softmax_at_the_labels():
     close(logprobs_from_logits(huge, torch.tensor([[0, 1]])), [[0.0, -1000.0]])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_are_logprobs_from_logits_with_its_gradient_in_fewer_passes(dtype, temperature):
+    """`rlhf.sampling.token_logprobs`, PPO's log-probs: the plain formula's values bit for bit and
+    its gradient to fp32 rounding, over more rows than one block of `LOGPROB_ROWS`, the logits untouched."""
+    generator = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(3, 5, 37, generator=generator)).to(dtype)  # 15 rows: a block of 8 and one of 7
+    labels = torch.randint(0, 37, (3, 5), generator=generator)
+    weights = torch.randn(3, 5, generator=generator)  # an upstream gradient that differs by position
+    assert 15 > rlhf.sampling.LOGPROB_ROWS
+    plain, fused = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    expected = logprobs_from_logits(plain.float() / temperature, labels)
+    got = rlhf.sampling.token_logprobs(fused, labels, temperature)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    (weights * expected).sum().backward()
+    (weights * got).sum().backward()
+    assert fused.grad.dtype == dtype and torch.equal(fused.detach(), logits)  # not scaled in place
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2  # fp32 rounding, then one bf16 rounding
+    assert torch.allclose(fused.grad.float(), plain.grad.float(), rtol=tolerance, atol=tolerance)
+    # The gradient is (onehot - softmax)·g / t: it sums to zero over the vocabulary.
+    assert torch.allclose(fused.grad.float().sum(-1), torch.zeros(3, 5), atol=1e-5 if dtype == torch.float32 else 5e-2)
+
+
 def test_entropy_from_logits():
     mask = t([1, 1, 0])
     # Uniform over 4: ln 4 = 2 ln 2. (2/4, 1/4, 1/4, 0): 1/2 ln 2 + 2 * 1/4 ln 4 = 1.5 ln 2,
