@@ -243,11 +243,11 @@ class TokenLogprobs(torch.autograd.Function):
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         for s in range(0, logits.shape[0], LOGPROB_ROWS):
             x = logits[s:s + LOGPROB_ROWS].to(torch.float32, copy=True)  # scaled in place below
-            torch.logsumexp(x.div_(temperature) if temperature != 1 else x, dim=-1, out=lse[s:s + LOGPROB_ROWS])
+            torch.logsumexp(x.div_(temperature), dim=-1, out=lse[s:s + LOGPROB_ROWS])
         picked = logits.gather(-1, labels[:, None]).squeeze(-1).float()
         ctx.save_for_backward(logits, labels, lse)
         ctx.temperature = temperature
-        return (picked / temperature if temperature != 1 else picked) - lse
+        return picked / temperature - lse
 
     @staticmethod
     def backward(ctx, grad):
