@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 # What the base import asked of gguf: transformers reads the file for the config, the tokenizer
 # and the weights, and builds a tensor-name map per module; `models.gguf_read_once` makes that one
-# parse and one map (byte for byte the same checkpoint, in a third of the time).
+# parse and one map (byte for byte the same checkpoint, in half the time).
 IMPORT_CALLS: dict = {}
 
 
