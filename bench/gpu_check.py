@@ -83,11 +83,12 @@ def prepare(ws: Path, smoke: bool) -> dict[str, Any]:
 
     from rlhf.artifacts import ArtifactStore
     from rlhf.data import import_dataset
-    from rlhf.models import default_gguf, import_base
+    from rlhf.models import default_gguf, gguf_read_once, import_base
 
     store = ArtifactStore(ws)
     gguf = default_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with gguf_read_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     import_base(store, build_llama(ws.parent / "llama", tokenizer, TINY if smoke else LLAMA_05B), name="base")
     if not smoke:
         import_base(store, name="smollm2")
